@@ -1,0 +1,1 @@
+"""Data sets, processors and loaders for LLaVA-NDiNO training."""

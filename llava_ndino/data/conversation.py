@@ -1,0 +1,121 @@
+"""Parsing of training samples (LLaVA ``conversations`` or OpenAI-style ``messages``) into messages.
+
+Every problem raises :class:`SampleError`, which names the sample and carries a short ``reason``
+code that datasets count when they skip bad samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llava_ndino.data.templates import IMAGE_PLACEHOLDER, ROLES, Message, content_to_text
+
+LLAVA_ROLES = {
+    "human": "user",
+    "gpt": "assistant",
+    "system": "system",
+    "user": "user",
+    "assistant": "assistant",
+}
+
+
+class SampleError(ValueError):
+    """A sample that cannot be trained on; ``reason`` is a short code for counting skips."""
+
+    def __init__(self, sample_id: str, reason: str, detail: str):
+        super().__init__(f"sample {sample_id!r}: {detail}")
+        self.sample_id = sample_id
+        self.reason = reason
+
+
+@dataclass
+class Conversation:
+    """A parsed sample: its id, its messages and the image references in placeholder order."""
+
+    sample_id: str
+    messages: list[Message]
+    images: list[str] = field(default_factory=list)
+
+
+def _image_refs(sample: dict, sample_id: str) -> list[str]:
+    refs = sample.get("image", sample.get("images"))
+    if refs is None:
+        return []
+    if isinstance(refs, str):
+        return [refs]
+    if isinstance(refs, list) and all(isinstance(r, str) for r in refs):
+        return list(refs)
+    raise SampleError(sample_id, "malformed", f"'image' must be a path or a list of paths, got {refs!r}")
+
+
+def _llava_messages(turns: list, sample_id: str) -> list[Message]:
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise SampleError(sample_id, "malformed", f"turn {i} needs 'from' and 'value' keys, got {turn!r}")
+        role = LLAVA_ROLES.get(turn["from"])
+        if role is None:
+            raise SampleError(
+                sample_id,
+                "unknown_role",
+                f"turn {i} has unknown role {turn['from']!r}; use human, gpt or system",
+            )
+        messages.append(Message(role, str(turn["value"])))
+    return messages
+
+
+def _openai_messages(turns: list, sample_id: str) -> list[Message]:
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            raise SampleError(
+                sample_id, "malformed", f"message {i} needs 'role' and 'content' keys, got {turn!r}"
+            )
+        if turn["role"] not in ROLES:
+            raise SampleError(
+                sample_id,
+                "unknown_role",
+                f"message {i} has unknown role {turn['role']!r}; use {', '.join(ROLES)}",
+            )
+        try:
+            messages.append(Message(turn["role"], content_to_text(turn["content"])))
+        except (ValueError, AttributeError, TypeError) as err:
+            raise SampleError(sample_id, "malformed", f"message {i}: {err}") from err
+    return messages
+
+
+def parse_sample(sample: dict, index: int = 0) -> Conversation:
+    """Parse one LLaVA or OpenAI-style sample and check it is trainable.
+
+    Raises :class:`SampleError` when the ``<image>`` count differs from the image count, when no
+    assistant turn exists, when a role is unknown or an assistant turn holds an image.
+    """
+    sample_id = str(sample.get("id", f"#{index}")) if isinstance(sample, dict) else f"#{index}"
+    if not isinstance(sample, dict):
+        raise SampleError(sample_id, "malformed", "a sample must be a JSON object")
+    if isinstance(sample.get("conversations"), list):
+        messages = _llava_messages(sample["conversations"], sample_id)
+    elif isinstance(sample.get("messages"), list):
+        messages = _openai_messages(sample["messages"], sample_id)
+    else:
+        raise SampleError(
+            sample_id, "malformed", "needs a 'conversations' (LLaVA) or 'messages' (OpenAI) list"
+        )
+    images = _image_refs(sample, sample_id)
+    if not any(m.role == "assistant" for m in messages):
+        raise SampleError(
+            sample_id, "no_assistant", "has no assistant (gpt) turn, so nothing would be trained"
+        )
+    if any(IMAGE_PLACEHOLDER in m.content for m in messages if m.role == "assistant"):
+        raise SampleError(
+            sample_id, "image_in_answer", "an assistant turn contains <image>; images go in user turns"
+        )
+    placeholders = sum(m.content.count(IMAGE_PLACEHOLDER) for m in messages)
+    if placeholders != len(images):
+        raise SampleError(
+            sample_id,
+            "image_count_mismatch",
+            f"has {placeholders} <image> placeholder(s) but {len(images)} image(s); "
+            "put one <image> in the text per image file",
+        )
+    return Conversation(sample_id, messages, images)

@@ -1,0 +1,51 @@
+"""Robust image loading: EXIF rotation, every PIL mode to RGB, a pixel limit against decompression bombs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from llava_ndino.data.conversation import SampleError
+
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode (P, LA, RGBA, CMYK, 16-bit, float) to RGB; transparency goes on white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = array.max() if array.size else 1.0
+        scaled = (array / (top if top > 0 else 1.0) * 255.0).round().astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA")
+    if image.mode in ("LA", "RGBA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: Path, sample_id: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open ``path`` as an upright RGB image, or raise :class:`SampleError` naming the sample and file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SampleError(sample_id, "missing_image", f"image {path} does not exist; check data.image_root")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise SampleError(
+                    sample_id,
+                    "image_too_large",
+                    f"image {path} has {width}x{height} pixels, above the limit of {max_pixels:,}",
+                )
+            image.load()
+            return to_rgb(ImageOps.exif_transpose(image))
+    except SampleError:
+        raise
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        raise SampleError(sample_id, "unreadable_image", f"image {path} cannot be decoded ({err})") from err

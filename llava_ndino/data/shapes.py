@@ -1,0 +1,285 @@
+"""Synthetic Italian visual-QA data set of coloured shapes, used by ``make demo``.
+
+Each image has a white background divided into a 3x3 grid of equal cells (rectangular when the
+image is not square). One to three filled shapes are drawn, each alone in its own cell, so shapes
+never overlap and their position always has a single name:
+
+    in alto a sinistra | in alto   | in alto a destra
+    a sinistra         | al centro | a destra
+    in basso a sinistra| in basso  | in basso a destra
+
+Shapes are ``cerchio``, ``quadrato`` and ``triangolo``; within a scene their colours are distinct
+and drawn from four saturated colours (``rosso``, ``verde``, ``blu``, ``giallo``) that survive
+resizing. Each shape's size (60-85% of the cell) and offset inside its cell are jittered, so two
+seeds rarely produce the same image. Drawing uses no anti-aliasing: every shape pixel has exactly
+its named colour.
+
+Each sample carries one question of one of four types, chosen round-robin so the mix is exactly
+balanced, with a short lowercase answer meant for exact match:
+
+* ``colore``: "Di che colore è il cerchio?" -> "rosso" (only for a kind present exactly once);
+* ``conteggio``: "Quante forme ci sono?" -> "una" / "due" / "tre";
+* ``posizione``: "Dove si trova il quadrato?" -> "in alto a sinistra" (kind present exactly once);
+* ``forma``: "Quale forma è rossa?" -> "il cerchio" (colour present exactly once).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+QUESTION_TYPES: tuple[str, ...] = ("colore", "conteggio", "posizione", "forma")
+KINDS: tuple[str, ...] = ("cerchio", "quadrato", "triangolo")
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "rosso": (220, 20, 20),
+    "verde": (20, 160, 40),
+    "blu": (20, 50, 220),
+    "giallo": (245, 200, 0),
+}
+FEMININE: dict[str, str] = {"rosso": "rossa", "verde": "verde", "blu": "blu", "giallo": "gialla"}
+BACKGROUND: tuple[int, int, int] = (255, 255, 255)
+GRID = 3
+POSITION_NAMES: dict[tuple[int, int], str] = {
+    (0, 0): "in alto a sinistra",
+    (0, 1): "in alto",
+    (0, 2): "in alto a destra",
+    (1, 0): "a sinistra",
+    (1, 1): "al centro",
+    (1, 2): "a destra",
+    (2, 0): "in basso a sinistra",
+    (2, 1): "in basso",
+    (2, 2): "in basso a destra",
+}
+COUNT_WORDS: dict[int, str] = {1: "una", 2: "due", 3: "tre"}
+MIN_SIDE = 24
+_SIZE_RANGE = (0.6, 0.85)
+_MAX_JITTER = 0.5
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A filled shape in one grid cell.
+
+    ``cell`` is ``(row, col)`` in the 3x3 grid; ``size`` is the shape's extent as a fraction of the
+    cell's shorter side; ``dx``/``dy`` in [-1, 1] shift it inside the cell as a fraction of the
+    free room on each axis (0 = centred, +-1 = touching the cell border).
+    """
+
+    kind: str
+    colour: str
+    cell: tuple[int, int]
+    size: float = 0.75
+    dx: float = 0.0
+    dy: float = 0.0
+
+
+@dataclass
+class ShapesSample:
+    """One visual-QA example; ``shapes`` is the scene the image was rendered from."""
+
+    id: str
+    image: Image.Image
+    question: str
+    answer: str
+    qtype: str
+    shapes: tuple[Shape, ...] = ()
+
+
+def shape_bbox(shape: Shape, width: int, height: int) -> tuple[int, int, int, int]:
+    """Return the inclusive pixel box ``(x0, y0, x1, y1)`` of ``shape`` in a ``width`` x ``height`` image."""
+    if shape.kind not in KINDS or shape.colour not in COLOURS or shape.cell not in POSITION_NAMES:
+        raise ValueError(f"invalid shape {shape}")
+    if not (0.0 < shape.size <= 1.0 and abs(shape.dx) <= 1.0 and abs(shape.dy) <= 1.0):
+        raise ValueError(f"shape geometry out of range: {shape}")
+    cell_w, cell_h = width / GRID, height / GRID
+    half = shape.size * min(cell_w, cell_h) / 2
+    row, col = shape.cell
+    cx = (col + 0.5) * cell_w + shape.dx * (cell_w / 2 - half)
+    cy = (row + 0.5) * cell_h + shape.dy * (cell_h / 2 - half)
+    return int(cx - half), int(cy - half), int(cx + half) - 1, int(cy + half) - 1
+
+
+def shape_centre(shape: Shape, width: int, height: int) -> tuple[int, int]:
+    """Return a pixel that lies inside ``shape`` for every kind (the centre of its box)."""
+    x0, y0, x1, y1 = shape_bbox(shape, width, height)
+    return (x0 + x1) // 2, (y0 + y1) // 2
+
+
+def render_scene(shapes: Sequence[Shape], width: int = 224, height: int = 224) -> Image.Image:
+    """Draw ``shapes`` (at most one per cell) on a white RGB image of the given size."""
+    if width < MIN_SIDE or height < MIN_SIDE:
+        raise ValueError(f"image must be at least {MIN_SIDE}x{MIN_SIDE}, got {width}x{height}")
+    cells = [shape.cell for shape in shapes]
+    if len(set(cells)) != len(cells):
+        raise ValueError(f"two shapes share a cell: {cells}")
+    image = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for shape in shapes:
+        x0, y0, x1, y1 = shape_bbox(shape, width, height)
+        fill = COLOURS[shape.colour]
+        if shape.kind == "cerchio":
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        elif shape.kind == "quadrato":
+            draw.rectangle((x0, y0, x1, y1), fill=fill)
+        else:
+            draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
+    return image
+
+
+def questions_for_scene(shapes: Sequence[Shape]) -> list[tuple[str, str, str]]:
+    """List every unambiguous ``(qtype, question, answer)`` the scene supports, in a fixed order."""
+    if not 1 <= len(shapes) <= len(COUNT_WORDS):
+        raise ValueError(f"a scene has 1-{len(COUNT_WORDS)} shapes, got {len(shapes)}")
+    kind_counts = Counter(shape.kind for shape in shapes)
+    colour_counts = Counter(shape.colour for shape in shapes)
+    questions = [("conteggio", "Quante forme ci sono?", COUNT_WORDS[len(shapes)])]
+    for shape in shapes:
+        if kind_counts[shape.kind] == 1:
+            questions.append(("colore", f"Di che colore è il {shape.kind}?", shape.colour))
+            questions.append(("posizione", f"Dove si trova il {shape.kind}?", POSITION_NAMES[shape.cell]))
+        if colour_counts[shape.colour] == 1:
+            questions.append(("forma", f"Quale forma è {FEMININE[shape.colour]}?", f"il {shape.kind}"))
+    return questions
+
+
+def random_scene(rng: random.Random) -> list[Shape]:
+    """Draw a scene of 1-3 shapes in distinct cells with distinct colours and jittered geometry."""
+    n = rng.randint(1, len(COUNT_WORDS))
+    cells = rng.sample(sorted(POSITION_NAMES), n)
+    colours = rng.sample(sorted(COLOURS), n)
+    return [
+        Shape(
+            kind=rng.choice(KINDS),
+            colour=colour,
+            cell=cell,
+            size=rng.uniform(*_SIZE_RANGE),
+            dx=rng.uniform(-_MAX_JITTER, _MAX_JITTER),
+            dy=rng.uniform(-_MAX_JITTER, _MAX_JITTER),
+        )
+        for cell, colour in zip(cells, colours, strict=True)
+    ]
+
+
+def iter_samples(n: int, seed: int, width: int = 224, height: int = 224) -> Iterator[ShapesSample]:
+    """Yield ``n`` samples deterministically; sample ``i`` depends only on ``(seed, i)``.
+
+    Question types cycle through :data:`QUESTION_TYPES`; for each, scenes are redrawn until one
+    supports that type, then one of its questions of that type is picked uniformly.
+    """
+    for i in range(n):
+        rng = random.Random(f"shapes:{seed}:{i}")
+        qtype = QUESTION_TYPES[i % len(QUESTION_TYPES)]
+        while True:
+            scene = random_scene(rng)
+            candidates = [q for q in questions_for_scene(scene) if q[0] == qtype]
+            if candidates:
+                break
+        _, question, answer = rng.choice(candidates)
+        yield ShapesSample(
+            id=f"shapes-{seed}-{i:06d}",
+            image=render_scene(scene, width, height),
+            question=question,
+            answer=answer,
+            qtype=qtype,
+            shapes=tuple(scene),
+        )
+
+
+def generate_samples(n: int, seed: int, width: int = 224, height: int = 224) -> list[ShapesSample]:
+    """Return ``list(iter_samples(n, seed, width, height))``."""
+    return list(iter_samples(n, seed, width, height))
+
+
+def to_llava_record(sample: ShapesSample, image_rel_path: str) -> dict:
+    """Convert ``sample`` to a LLaVA conversation record whose image lives at ``image_rel_path``."""
+    return {
+        "id": sample.id,
+        "image": image_rel_path,
+        "conversations": [
+            {"from": "human", "value": "<image>\n" + sample.question},
+            {"from": "gpt", "value": sample.answer},
+        ],
+    }
+
+
+def write_shapes_dataset(out_dir: Path, n: int, seed: int, width: int = 224, height: int = 224) -> Path:
+    """Write PNGs to ``out_dir/images/``, ``out_dir/data.json`` and ``out_dir/answers.jsonl``.
+
+    ``data.json`` is a JSON list of LLaVA records (image paths relative to ``out_dir``);
+    ``answers.jsonl`` holds ``id``, ``question``, ``answer`` and ``qtype`` per line. Returns the
+    path of ``data.json``.
+    """
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    with open(out_dir / "answers.jsonl", "w", encoding="utf-8") as answers:
+        samples = iter_samples(n, seed, width, height)
+        for sample in tqdm(samples, total=n, desc="shapes", disable=n < 1000):
+            rel_path = f"images/{sample.id}.png"
+            sample.image.save(out_dir / rel_path)
+            records.append(to_llava_record(sample, rel_path))
+            row = {
+                "id": sample.id,
+                "question": sample.question,
+                "answer": sample.answer,
+                "qtype": sample.qtype,
+            }
+            answers.write(json.dumps(row, ensure_ascii=False) + "\n")
+    json_path = out_dir / "data.json"
+    json_path.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
+    return json_path
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, collapse whitespace and drop trailing punctuation, for exact-match scoring."""
+    return " ".join(text.lower().split()).rstrip(" .,;:!?")
+
+
+def score_exact_match(predictions: Sequence[str], samples: Sequence[ShapesSample]) -> dict:
+    """Score normalised exact match of ``predictions`` against ``samples``.
+
+    Returns ``{"accuracy", "correct", "total", "per_type": {qtype: {"accuracy", "correct",
+    "total"}}}``, with ``per_type`` listing only the types present.
+    """
+    if len(predictions) != len(samples):
+        raise ValueError(f"{len(predictions)} predictions for {len(samples)} samples")
+    correct: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    for prediction, sample in zip(predictions, samples, strict=True):
+        total[sample.qtype] += 1
+        correct[sample.qtype] += normalize_answer(prediction) == normalize_answer(sample.answer)
+    per_type = {
+        qtype: {"accuracy": correct[qtype] / total[qtype], "correct": correct[qtype], "total": total[qtype]}
+        for qtype in QUESTION_TYPES
+        if total[qtype]
+    }
+    n_correct, n_total = sum(correct.values()), len(samples)
+    return {
+        "accuracy": n_correct / n_total if n_total else 0.0,
+        "correct": n_correct,
+        "total": n_total,
+        "per_type": per_type,
+    }
+
+
+def majority_baseline(train: Sequence[ShapesSample], eval: Sequence[ShapesSample]) -> float:
+    """Accuracy on ``eval`` of a text-only guesser: the most frequent training answer to the exact
+    question string, falling back to the most frequent answer of the question type, then overall."""
+    by_question: dict[str, Counter[str]] = {}
+    by_type: dict[str, Counter[str]] = {}
+    for sample in train:
+        by_question.setdefault(sample.question, Counter())[sample.answer] += 1
+        by_type.setdefault(sample.qtype, Counter())[sample.answer] += 1
+    overall = Counter(sample.answer for sample in train)
+    predictions = []
+    for sample in eval:
+        counts = by_question.get(sample.question) or by_type.get(sample.qtype) or overall
+        predictions.append(counts.most_common(1)[0][0] if counts else "")
+    return score_exact_match(predictions, eval)["accuracy"]
