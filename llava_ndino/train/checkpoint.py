@@ -1,0 +1,421 @@
+"""Crash-safe training checkpoints, resume resolution and SLURM pre-emption handling.
+
+Layout of a run directory::
+
+    run_dir/checkpoints/
+        latest                   text file naming the current checkpoint, e.g. "step_1200"
+        step_1200/
+            model.safetensors    model weights; tied tensors are stored once and re-tied on load
+            optimizer.pt         optimizer state_dict (absent when None was passed)
+            scheduler.pt         LR scheduler state_dict (absent when None was passed)
+            rng.pt               capture_rng_state() of the saving process
+            trainer_state.json   {"step": N, "trainer_state": {...}} (data position, epoch, ...)
+            config.yaml          the run config
+            COMPLETE             written last: JSON manifest of the files above and their sizes
+        .tmp_step_1300_<pid>/    a save in progress, or one killed mid-way (removed by the next save)
+
+A save goes to a temp dir, is fsynced, renamed to ``step_N`` and only then is ``latest`` replaced, so
+a crash at any point (SIGKILL, node failure, time limit) leaves the previous checkpoint usable.
+Only one process (rank 0) may save into a run directory at a time.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+COMPLETE_FILE = "COMPLETE"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+RNG_FILE = "rng.pt"
+TRAINER_STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.yaml"
+
+_STEP_DIR = re.compile(r"step_(\d+)")
+_TMP_PREFIX = ".tmp_"
+_TRASH_PREFIX = ".trash_"
+_ALIASES_KEY = "llava_ndino.aliases"
+_RESUME_HINT = "pass a run directory, a checkpoint directory (<run_dir>/checkpoints/step_N), 'auto' or 'none'"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or resume target is missing, incomplete or unreadable."""
+
+
+@dataclass
+class Checkpoint:
+    """Everything :func:`save_checkpoint` wrote, loaded back by :func:`load_checkpoint`."""
+
+    path: Path
+    step: int
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict | None
+    scheduler_state: dict | None
+    rng_state: dict[str, Any]
+    trainer_state: dict[str, Any]
+    config_text: str
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Snapshot the python, numpy, torch CPU and all CUDA generators (loadable with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (str(name), keys.tolist(), int(pos), int(has_gauss), float(cached_gaussian)),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore generators captured by :func:`capture_rng_state`; CUDA states are matched by device index."""
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
+    torch.set_rng_state(state["torch"].cpu())
+    cuda_states, available = state["cuda"], torch.cuda.device_count()
+    if cuda_states and len(cuda_states) != available:
+        logger.warning("RNG state has %d CUDA device(s), this process sees %d", len(cuda_states), available)
+    for index, cuda_state in enumerate(cuda_states[:available]):
+        torch.cuda.set_rng_state(cuda_state.cpu(), index)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    *,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict | None,
+    scheduler_state: dict | None,
+    trainer_state: dict[str, Any],
+    config_text: str,
+    keep_last: int,
+) -> Path:
+    """Atomically write ``run_dir/checkpoints/step_{step}``, point ``latest`` at it and prune old ones.
+
+    ``trainer_state`` must be JSON-serialisable. ``keep_last`` is how many complete checkpoints to keep
+    (0 keeps all); the one ``latest`` names is never deleted. An existing ``step_{step}`` is replaced:
+    it is moved aside just before the new one is renamed in, so a crash between those two renames
+    falls back to an older checkpoint. Returns the checkpoint directory.
+    """
+    if step < 0 or keep_last < 0:
+        raise ValueError(
+            f"step and keep_last (0 keeps every checkpoint) must be >= 0, got {step}, {keep_last}"
+        )
+    trainer_json = json.dumps({"step": step, "trainer_state": trainer_state}, indent=2)  # fail early
+    tensors, aliases = _storable_tensors(model_state)
+    pickled = {
+        RNG_FILE: capture_rng_state(),
+        OPTIMIZER_FILE: optimizer_state,
+        SCHEDULER_FILE: scheduler_state,
+    }
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step}"
+    tmp = root / f"{_TMP_PREFIX}{name}_{os.getpid()}"
+    if tmp.exists():  # left by an earlier crashed process that had our pid
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        save_file(tensors, tmp / MODEL_FILE, metadata={"format": "pt", _ALIASES_KEY: json.dumps(aliases)})
+        _fsync(tmp / MODEL_FILE)
+        for fname, obj in pickled.items():
+            if obj is not None:
+                torch.save(obj, tmp / fname)
+                _fsync(tmp / fname)
+        _write_synced(tmp / TRAINER_STATE_FILE, trainer_json)
+        _write_synced(tmp / CONFIG_FILE, config_text)
+        sizes = {path.name: path.stat().st_size for path in tmp.iterdir()}
+        _write_synced(tmp / COMPLETE_FILE, json.dumps({"step": step, "files": sizes}))
+        _fsync(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # e.g. disk full: give the space back
+        raise
+
+    final = root / name
+    if final.exists():
+        logger.warning("replacing existing checkpoint %s", final)
+        _move_aside(final)
+    os.rename(tmp, final)
+    _fsync(root)
+    _write_synced(root / f"{LATEST_FILE}.tmp", name + "\n")
+    os.replace(root / f"{LATEST_FILE}.tmp", root / LATEST_FILE)
+    _fsync(root)
+    _prune(root, keep_last, protect=name)
+    logger.info("saved checkpoint %s", final)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint ``latest`` names, else (with a warning) the newest complete one, else None."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    pointer = root / LATEST_FILE
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        reason = f"{pointer} is missing"
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = f"cannot read {pointer} ({exc})"
+    else:
+        problem = _problem(root / name) if _STEP_DIR.fullmatch(name) else "not a step_N name"
+        if problem is None:
+            return root / name
+        reason = f"{pointer} names {name!r}, which is unusable: {problem}"
+    complete = _complete_checkpoints(root)
+    if complete:
+        logger.warning("%s; falling back to the newest complete checkpoint %s", reason, complete[-1])
+        return complete[-1]
+    if pointer.exists():
+        logger.warning("%s, and no complete checkpoint exists in %s", reason, root)
+    return None
+
+
+def resolve_resume(resume: str, run_dir: Path) -> Path | None:
+    """Turn a ``resume`` option into a checkpoint directory, or None for a fresh start.
+
+    ``"auto"`` resumes from ``run_dir`` if it has a checkpoint (None if it never had one; an error if it
+    has a ``latest`` pointer but nothing usable); ``"none"`` or ``""`` never resumes;
+    anything else must be a run directory (its latest checkpoint is used) or a checkpoint directory.
+    Raises :class:`CheckpointError` naming the path when it cannot be resumed from.
+    """
+    value = resume.strip()
+    if value.lower() in ("", "none"):
+        return None
+    if value.lower() == "auto":
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None and (Path(run_dir) / CHECKPOINTS_DIR / LATEST_FILE).exists():
+            raise CheckpointError(
+                f"{run_dir} has a {LATEST_FILE} pointer but no usable checkpoint; pass a checkpoint "
+                "directory to resume from, or 'none' to deliberately start over"
+            )
+        return ckpt
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"resume path {path} does not exist; {_RESUME_HINT}")
+    if (path / COMPLETE_FILE).exists() or _STEP_DIR.fullmatch(path.name):
+        problem = _problem(path)
+        if problem is not None:
+            raise CheckpointError(
+                f"cannot resume from {path}: {problem}; pick another checkpoint in {path.parent} "
+                f"or pass the run directory to use its latest complete one"
+            )
+        return path
+    run = path.parent if path.name == CHECKPOINTS_DIR else path
+    if not (run / CHECKPOINTS_DIR).is_dir():
+        raise CheckpointError(
+            f"resume path {path} is neither a run directory (no {CHECKPOINTS_DIR}/ inside) nor a "
+            f"checkpoint directory (no {COMPLETE_FILE} marker); {_RESUME_HINT}"
+        )
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise CheckpointError(
+            f"run directory {run} has no complete checkpoint to resume from; {_RESUME_HINT}"
+        )
+    return ckpt
+
+
+def load_checkpoint(ckpt_dir: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Load a checkpoint written by :func:`save_checkpoint`; tensors go to ``map_location`` (RNG stays on CPU).
+
+    Raises :class:`CheckpointError` naming the directory if it is incomplete or a file cannot be read.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    problem = _problem(ckpt_dir)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is unusable: {problem}")
+
+    def read(fname: str, loader: Callable[[Path], Any]) -> Any:
+        try:
+            return loader(ckpt_dir / fname)
+        except Exception as exc:
+            raise CheckpointError(f"checkpoint {ckpt_dir}: cannot read {fname}: {exc}") from exc
+
+    def optional_pt(fname: str) -> Any:
+        if not (ckpt_dir / fname).exists():  # saved with None
+            return None
+        return read(fname, lambda p: torch.load(p, map_location=map_location, weights_only=True))
+
+    step, trainer_state = read(TRAINER_STATE_FILE, _load_trainer_state)
+    return Checkpoint(
+        path=ckpt_dir,
+        step=step,
+        model_state=read(MODEL_FILE, lambda p: _load_model_state(p, str(torch.device(map_location)))),
+        optimizer_state=optional_pt(OPTIMIZER_FILE),
+        scheduler_state=optional_pt(SCHEDULER_FILE),
+        rng_state=read(RNG_FILE, lambda p: torch.load(p, map_location="cpu", weights_only=True)),
+        trainer_state=trainer_state,
+        config_text=read(CONFIG_FILE, lambda p: p.read_text(encoding="utf-8")),
+    )
+
+
+class TerminationFlag:
+    """Records SIGTERM/SIGINT so the training loop can save a checkpoint and exit 0.
+
+    The loop polls ``requested``; in multi-rank runs the ranks should agree on it (e.g. an all-reduce)
+    before saving. A SIGINT while a stop is already pending raises KeyboardInterrupt, so an
+    interactive user can still abort a hanging save.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...]) -> None:
+        self.requested = False
+        self.signum: int | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signum = signum
+
+    def restore(self) -> None:
+        """Reinstall the handlers that were active before this flag was installed."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        self._previous = {}
+
+
+def install_termination_handler(
+    signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
+) -> TerminationFlag:
+    """Install handlers that set ``flag.requested`` on ``signals`` (main thread only).
+
+    On SLURM, SIGTERM arrives on pre-emption or at the time limit, followed by SIGKILL after KillWait
+    (30 s by default); ask for an earlier warning with ``#SBATCH --signal=TERM@300`` so the save fits.
+    """
+    return TerminationFlag(signals)
+
+
+def _storable_tensors(model_state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Make ``model_state`` acceptable to safetensors without copying the whole model.
+
+    Exact aliases (tied weights) are stored once and returned as ``{alias: stored_name}``; tensors that
+    overlap the bytes of one already kept are cloned; non-contiguous tensors are made contiguous.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    stored_as: dict[tuple, str] = {}  # exact view -> name it is stored under
+    spans: dict[tuple[torch.device, int], list[tuple[int, int]]] = {}  # storage -> byte ranges kept
+    for name, value in model_state.items():
+        tensor = value.detach()
+        if not tensor.is_contiguous() or tensor.numel() == 0:
+            tensors[name] = tensor.contiguous()
+            continue
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        view = (tensor.device, start, tensor.dtype, tensor.shape)
+        kept = spans.setdefault((tensor.device, tensor.untyped_storage().data_ptr()), [])
+        if view in stored_as:
+            aliases[name] = stored_as[view]
+        elif any(s < end and start < e for s, e in kept):
+            tensors[name] = tensor.clone()
+        else:
+            stored_as[view] = name
+            kept.append((start, end))
+            tensors[name] = tensor
+    return tensors, aliases
+
+
+def _load_model_state(path: Path, device: str) -> dict[str, torch.Tensor]:
+    """Read ``model.safetensors`` and re-tie the aliases recorded in its metadata."""
+    with safe_open(path, framework="pt", device=device) as f:
+        aliases = json.loads((f.metadata() or {}).get(_ALIASES_KEY, "{}"))
+        state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    for alias, stored in aliases.items():
+        state[alias] = state[stored]
+    return state
+
+
+def _load_trainer_state(path: Path) -> tuple[int, dict[str, Any]]:
+    """Read ``trainer_state.json`` into ``(step, trainer_state)``."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return int(data["step"]), dict(data["trainer_state"])
+
+
+def _problem(ckpt: Path) -> str | None:
+    """Why ``ckpt`` is not a complete checkpoint, or None if it is."""
+    if not ckpt.is_dir():
+        return "the directory does not exist"
+    try:
+        files = dict(json.loads((ckpt / COMPLETE_FILE).read_text(encoding="utf-8"))["files"])
+    except FileNotFoundError:
+        return f"no {COMPLETE_FILE} marker (the save did not finish)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"unreadable {COMPLETE_FILE} marker ({exc!r})"
+    for fname, size in files.items():
+        path = ckpt / fname
+        if not path.is_file():
+            return f"{fname} is missing"
+        if path.stat().st_size != size:
+            return f"{fname} has {path.stat().st_size} bytes, {COMPLETE_FILE} says {size}"
+    return None
+
+
+def _complete_checkpoints(root: Path) -> list[Path]:
+    """Complete ``step_N`` directories under ``root``, oldest step first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name))]
+    return [p for _, p in sorted(found) if _problem(p) is None]
+
+
+def _prune(root: Path, keep_last: int, protect: str) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints (never ``protect``), then every
+    temp dir left by an interrupted save and every directory moved aside for deletion."""
+    if keep_last > 0:
+        for path in _complete_checkpoints(root)[:-keep_last]:
+            if path.name != protect:
+                _move_aside(path)
+                logger.info("pruned checkpoint %s", path)
+    for path in root.iterdir():
+        if path.is_dir() and path.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
+            try:
+                shutil.rmtree(path)
+            except OSError as exc:
+                logger.warning("could not remove stale %s: %s", path, exc)
+
+
+def _move_aside(path: Path) -> None:
+    """Atomically rename ``path`` out of the ``step_N`` namespace; :func:`_prune` deletes it later."""
+    trash = path.with_name(f"{_TRASH_PREFIX}{path.name}_{os.getpid()}")
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.rename(path, trash)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` and fsync it."""
+    path.write_text(text, encoding="utf-8")
+    _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file or directory; directory fsync is skipped on filesystems that reject it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if not (path.is_dir() and exc.errno in (errno.EINVAL, errno.ENOTSUP)):
+            raise
+    finally:
+        os.close(fd)
