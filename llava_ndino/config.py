@@ -55,6 +55,8 @@ class ModelConfig:
     """model.source=tiny: number of language-model layers."""
     tiny_vision_layers: int = 2
     """model.source=tiny: number of vision-encoder layers."""
+    tiny_vision_hidden_size: int = 64
+    """model.source=tiny: hidden size of the vision encoder."""
 
 
 @dataclass

@@ -167,29 +167,34 @@ def random_scene(rng: random.Random) -> list[Shape]:
     ]
 
 
-def iter_samples(n: int, seed: int, width: int = 224, height: int = 224) -> Iterator[ShapesSample]:
-    """Yield ``n`` samples deterministically; sample ``i`` depends only on ``(seed, i)``.
+def make_sample(i: int, seed: int, width: int = 224, height: int = 224) -> ShapesSample:
+    """Return sample ``i`` of the stream for ``seed``; it depends only on ``(seed, i)``.
 
     Question types cycle through :data:`QUESTION_TYPES`; for each, scenes are redrawn until one
     supports that type, then one of its questions of that type is picked uniformly.
     """
+    rng = random.Random(f"shapes:{seed}:{i}")
+    qtype = QUESTION_TYPES[i % len(QUESTION_TYPES)]
+    while True:
+        scene = random_scene(rng)
+        candidates = [q for q in questions_for_scene(scene) if q[0] == qtype]
+        if candidates:
+            break
+    _, question, answer = rng.choice(candidates)
+    return ShapesSample(
+        id=f"shapes-{seed}-{i:06d}",
+        image=render_scene(scene, width, height),
+        question=question,
+        answer=answer,
+        qtype=qtype,
+        shapes=tuple(scene),
+    )
+
+
+def iter_samples(n: int, seed: int, width: int = 224, height: int = 224) -> Iterator[ShapesSample]:
+    """Yield samples ``0 .. n-1`` of the stream for ``seed`` (see :func:`make_sample`)."""
     for i in range(n):
-        rng = random.Random(f"shapes:{seed}:{i}")
-        qtype = QUESTION_TYPES[i % len(QUESTION_TYPES)]
-        while True:
-            scene = random_scene(rng)
-            candidates = [q for q in questions_for_scene(scene) if q[0] == qtype]
-            if candidates:
-                break
-        _, question, answer = rng.choice(candidates)
-        yield ShapesSample(
-            id=f"shapes-{seed}-{i:06d}",
-            image=render_scene(scene, width, height),
-            question=question,
-            answer=answer,
-            qtype=qtype,
-            shapes=tuple(scene),
-        )
+        yield make_sample(i, seed, width, height)
 
 
 def generate_samples(n: int, seed: int, width: int = 224, height: int = 224) -> list[ShapesSample]:

@@ -1,0 +1,171 @@
+"""Training data: record sources (LLaVA JSON/JSONL, synthetic shapes), encoding in loader workers,
+a resumable shuffled sampler, and a collator that drops and reports bad samples.
+
+The data position is the number of samples consumed; a resumed run rebuilds the sampler at that
+position and sees exactly the samples it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from llava_ndino.data.conversation import SampleError
+from llava_ndino.data.encode import ConversationEncoder, EncodedSample, collate
+from llava_ndino.data.shapes import make_sample, to_llava_record
+
+
+def read_records(path: Path) -> list[dict]:
+    """Read a LLaVA JSON list or a JSONL file; a syntax error names the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist; set data.path=FILE")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(
+                        f"{path}:{lineno}: invalid JSON ({err.msg}); fix or delete that line"
+                    ) from err
+        return records
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from err
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of samples (LLaVA format) or a .jsonl file")
+    return records
+
+
+class RecordSource:
+    """Random access to raw samples: ``get(i)`` returns (record, in-memory images or None)."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def get(self, index: int) -> tuple[dict, list[Image.Image] | None]:
+        """Return record ``index`` and its images when they are not files on disk."""
+        raise NotImplementedError
+
+
+class JsonRecords(RecordSource):
+    """Samples from a LLaVA JSON/JSONL file; images are read by the encoder from ``data.image_root``."""
+
+    def __init__(self, path: Path):
+        self.records = read_records(path)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def get(self, index: int) -> tuple[dict, None]:
+        return self.records[index], None
+
+
+class ShapesRecords(RecordSource):
+    """The synthetic Italian shapes set, generated on the fly from (seed, index)."""
+
+    def __init__(self, count: int, seed: int, image_size: int):
+        self.count, self.seed, self.image_size = count, seed, image_size
+
+    def __len__(self) -> int:
+        return self.count
+
+    def get(self, index: int) -> tuple[dict, list[Image.Image]]:
+        sample = make_sample(index, self.seed, self.image_size, self.image_size)
+        return to_llava_record(sample, f"{sample.id}.png"), [sample.image]
+
+
+@dataclass
+class Skipped:
+    """A sample the encoder rejected, with its id, reason code and message."""
+
+    sample_id: str
+    reason: str
+    message: str
+
+
+class EncodedDataset(Dataset):
+    """Encodes samples inside loader workers; bad samples come back as :class:`Skipped`."""
+
+    def __init__(self, source: RecordSource, encoder: ConversationEncoder):
+        self.source, self.encoder = source, encoder
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> EncodedSample | Skipped:
+        record, images = self.source.get(index)
+        try:
+            return self.encoder.encode(record, index, images=images)
+        except SampleError as err:
+            return Skipped(err.sample_id, err.reason, str(err))
+
+
+class ResumableSampler(Sampler[int]):
+    """Endless shuffled index stream (a new permutation each epoch) that starts at a consumed count.
+
+    Global position ``k`` goes to rank ``k % world_size``, so ranks split every batch.
+    """
+
+    def __init__(
+        self, size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True
+    ):
+        if size == 0:
+            raise ValueError("the data set is empty")
+        self.size, self.seed, self.start = size, seed, start
+        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+
+    def _order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        position = self.start + self.rank
+        epoch, order = position // self.size, self._order(position // self.size)
+        while True:
+            if position // self.size != epoch:
+                epoch = position // self.size
+                order = self._order(epoch)
+            yield order[position % self.size]
+            position += self.world_size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+@dataclass
+class Batch:
+    """A collated micro-batch plus the bookkeeping the loop needs."""
+
+    tensors: dict[str, torch.Tensor]
+    num_raw: int
+    skipped: list[Skipped] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        """True when every sample of the micro-batch was skipped."""
+        return not self.tensors
+
+
+class Collator:
+    """Pads good samples into a batch and carries the skipped ones for counting."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list[EncodedSample | Skipped]) -> Batch:
+        good = [i for i in items if isinstance(i, EncodedSample)]
+        skipped = [i for i in items if isinstance(i, Skipped)]
+        return Batch(collate(good, self.pad_token_id) if good else {}, len(items), skipped)

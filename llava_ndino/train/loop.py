@@ -1,0 +1,316 @@
+"""The one training loop: every stage and objective, every engine, exact resume, pre-emption.
+
+Loss is summed over label tokens and divided by the label-token count of the whole optimiser step
+(all micro-batches, all ranks), so gradient accumulation and padding never change the objective.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import Counter
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from transformers import get_scheduler
+
+from llava_ndino.config import RunConfig, config_to_yaml, save_resolved_config
+from llava_ndino.data.dataset import (
+    Batch,
+    Collator,
+    EncodedDataset,
+    JsonRecords,
+    RecordSource,
+    ResumableSampler,
+    ShapesRecords,
+)
+from llava_ndino.data.encode import IGNORE_INDEX, ConversationEncoder
+from llava_ndino.train.checkpoint import (
+    install_termination_handler,
+    load_checkpoint,
+    resolve_resume,
+    restore_rng_state,
+    save_checkpoint,
+)
+from llava_ndino.train.engine import Engine, init_distributed, make_engine
+from llava_ndino.train.metrics import MetricsLogger, flops_per_step, peak_flops
+from llava_ndino.train.model_setup import apply_trainable, build_model, param_groups, save_skeleton
+
+log = logging.getLogger(__name__)
+MIN_SEEN_FOR_SKIP_ABORT = 200
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or pre-empted) run reports."""
+
+    run_dir: Path
+    step: int
+    status: str
+    last_loss: float | None
+
+
+class SkipTracker:
+    """Counts and lists skipped samples; aborts above ``max_ratio`` once enough samples were seen."""
+
+    def __init__(self, run_dir: Path, max_ratio: float, dataset_size: int, enabled: bool):
+        self.path = run_dir / "skipped.jsonl"
+        self.max_ratio, self.enabled = max_ratio, enabled
+        self.min_seen = min(MIN_SEEN_FOR_SKIP_ABORT, dataset_size)
+        self.seen, self.reasons = 0, Counter()
+
+    def update(self, batch: Batch) -> None:
+        """Record one micro-batch (raises RuntimeError above the skip ratio)."""
+        self.seen += batch.num_raw
+        for item in batch.skipped:
+            self.reasons[item.reason] += 1
+            if self.enabled:
+                with self.path.open("a", encoding="utf-8") as handle:
+                    handle.write(
+                        json.dumps({"id": item.sample_id, "reason": item.reason, "message": item.message})
+                        + "\n"
+                    )
+                log.warning("skipped %s", item.message)
+        skipped = sum(self.reasons.values())
+        if self.seen >= self.min_seen and skipped > self.max_ratio * self.seen:
+            raise RuntimeError(
+                f"{skipped} of {self.seen} samples were skipped ({dict(self.reasons)}), above "
+                f"data.max_skip_ratio={self.max_ratio}; see {self.path} and fix the data or raise the ratio"
+            )
+
+    def state(self) -> dict:
+        """JSON-able state for checkpoints."""
+        return {"seen": self.seen, "reasons": dict(self.reasons)}
+
+    def load(self, state: dict) -> None:
+        """Restore from :meth:`state`."""
+        self.seen, self.reasons = state["seen"], Counter(state["reasons"])
+
+
+def make_source(cfg: RunConfig, split: str = "train") -> RecordSource:
+    """Return the record source the recipe asks for (synthetic shapes or a LLaVA JSON file)."""
+    data = cfg.data
+    if data.synthetic == "shapes":
+        count = data.synthetic_train if split == "train" else data.synthetic_eval
+        seed = cfg.seed if split == "train" else cfg.seed + 1_000_003
+        return ShapesRecords(count, seed, data.synthetic_image_size)
+    if not data.path:
+        raise ValueError("set data.path=FILE (LLaVA JSON/JSONL) or data.synthetic=shapes")
+    return JsonRecords(Path(data.path))
+
+
+def sft_loss_sum(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over label tokens, and how many there are."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = module(**inputs, use_cache=False).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss, int((labels != IGNORE_INDEX).sum())
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _setup_logging(run_dir: Path, is_main: bool) -> logging.Handler | None:
+    """Send the package's log to ``run_dir/train.log`` on the main process; quiet the others."""
+    package = logging.getLogger("llava_ndino")
+    if not is_main:
+        package.setLevel(logging.WARNING)
+        return None
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    return handler
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Run (or resume) the training described by ``cfg``; returns when done or pre-empted."""
+    rank, local_rank, world_size = init_distributed()
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = _setup_logging(run_dir, rank == 0)
+    try:
+        return _train(cfg, run_dir, rank, local_rank, world_size)
+    finally:
+        if handler is not None:
+            logging.getLogger("llava_ndino").removeHandler(handler)
+            handler.close()
+
+
+def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size: int) -> TrainResult:
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    model, processor = build_model(cfg.model, cfg.seed)
+    if rank == 0:
+        save_resolved_config(cfg, run_dir)
+        save_skeleton(model, processor, run_dir)
+    apply_trainable(model, list(cfg.train.trainable))
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.train), betas=(0.9, 0.999), eps=1e-8)
+    scheduler = get_scheduler(
+        "constant_with_warmup" if cfg.train.schedule == "constant" else cfg.train.schedule,
+        optimizer,
+        num_warmup_steps=math.ceil(cfg.train.warmup_ratio * cfg.train.max_steps),
+        num_training_steps=cfg.train.max_steps,
+    )
+    engine = make_engine(cfg.engine, model, optimizer, device, world_size)
+    encoder = ConversationEncoder(processor, cfg.data.template, cfg.data.max_length, cfg.data.image_root)
+    dataset = EncodedDataset(make_source(cfg), encoder)
+    skips = SkipTracker(run_dir, cfg.data.max_skip_ratio, len(dataset), engine.is_main)
+
+    step, consumed = 0, 0
+    checkpoint = resolve_resume(cfg.resume, run_dir)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint)
+        model.load_state_dict(state.model_state)
+        optimizer.load_state_dict(state.optimizer_state)
+        scheduler.load_state_dict(state.scheduler_state)
+        step, consumed = state.step, state.trainer_state["consumed"]
+        skips.load(state.trainer_state["skips"])
+        restore_rng_state(state.rng_state)
+        log.info("resumed from %s at step %d (%d samples consumed)", checkpoint, step, consumed)
+
+    batch_per_step = cfg.train.per_device_batch_size * cfg.train.grad_accum * world_size
+    log.info(
+        "engine %s on %s; global batch %d = %d per device x %d accumulation x %d processes",
+        engine.name,
+        device,
+        batch_per_step,
+        cfg.train.per_device_batch_size,
+        cfg.train.grad_accum,
+        world_size,
+    )
+    sampler = ResumableSampler(len(dataset), cfg.seed, start=consumed, rank=rank, world_size=world_size)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.train.per_device_batch_size,
+        sampler=sampler,
+        collate_fn=Collator(processor.tokenizer.pad_token_id),
+        num_workers=cfg.data.num_workers,
+        persistent_workers=cfg.data.num_workers > 0,
+    )
+    metrics = MetricsLogger(run_dir, enabled=engine.is_main)
+    termination = install_termination_handler()
+    try:
+        result = _loop(
+            cfg, engine, scheduler, iter(loader), skips, metrics, termination, step, consumed, run_dir
+        )
+    finally:
+        termination.restore()
+        metrics.close()
+    return result
+
+
+def _save(
+    cfg: RunConfig, engine: Engine, scheduler, step: int, consumed: int, skips: SkipTracker, run_dir: Path
+) -> None:
+    state = engine.model_state()
+    if engine.is_main:
+        save_checkpoint(
+            run_dir,
+            step,
+            model_state=state,
+            optimizer_state=engine.optimizer.state_dict(),
+            scheduler_state=scheduler.state_dict(),
+            trainer_state={"consumed": consumed, "skips": skips.state()},
+            config_text=config_to_yaml(cfg),
+            keep_last=cfg.train.keep_last,
+        )
+    engine.barrier()
+
+
+def _loop(
+    cfg, engine: Engine, scheduler, batches, skips, metrics, termination, step, consumed, run_dir
+) -> TrainResult:
+    train_cfg = cfg.train
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if engine.device.type == "cuda" else nullcontext()
+    peak = peak_flops()
+    window = {
+        "loss": 0.0,
+        "tokens": 0,
+        "label_tokens": 0,
+        "samples": 0,
+        "flops": 0.0,
+        "padded": 0,
+        "start": time.perf_counter(),
+    }
+    last_loss = None
+    engine.model.train()
+    bar = tqdm(
+        total=train_cfg.max_steps,
+        initial=step,
+        desc="train",
+        unit="step",
+        disable=not engine.is_main,
+        dynamic_ncols=True,
+    )
+    while step < train_cfg.max_steps:
+        micro = []
+        for _ in range(train_cfg.grad_accum):
+            batch = next(batches)
+            skips.update(batch)
+            consumed += batch.num_raw * engine.world_size
+            if not batch.empty:
+                micro.append(_to_device(batch.tensors, engine.device))
+        local_label_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        step_label_tokens = engine.all_reduce_sum(local_label_tokens)
+        loss_total = 0.0
+        for batch in micro:
+            with autocast:
+                loss_sum, _ = sft_loss_sum(engine.module, batch)
+            engine.backward(loss_sum * engine.world_size / max(step_label_tokens, 1))
+            loss_total += float(loss_sum.detach())
+            window["tokens"] += int(batch["attention_mask"].sum())
+            window["padded"] += batch["attention_mask"].numel()
+            window["samples"] += batch["input_ids"].shape[0]
+            window["flops"] += flops_per_step(engine.model, batch)
+        grad_norm = engine.clip_and_step(train_cfg.max_grad_norm)
+        scheduler.step()
+        step += 1
+        window["loss"] += loss_total
+        window["label_tokens"] += local_label_tokens
+        bar.update(1)
+        if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:
+            last_loss = _log_window(engine, metrics, scheduler, step, grad_norm, window, peak, bar)
+        if engine.all_reduce_sum(float(termination.requested)) > 0:
+            log.warning("termination signal received: saving step %d and exiting", step)
+            _save(cfg, engine, scheduler, step, consumed, skips, run_dir)
+            bar.close()
+            return TrainResult(run_dir, step, "preempted", last_loss)
+        if step % train_cfg.save_every == 0 or step == train_cfg.max_steps:
+            _save(cfg, engine, scheduler, step, consumed, skips, run_dir)
+    bar.close()
+    return TrainResult(run_dir, step, "completed", last_loss)
+
+
+def _log_window(engine, metrics, scheduler, step, grad_norm, window, peak, bar) -> float:
+    elapsed = max(time.perf_counter() - window["start"], 1e-9)
+    loss = engine.all_reduce_sum(window["loss"]) / max(engine.all_reduce_sum(window["label_tokens"]), 1)
+    tokens = engine.all_reduce_sum(window["tokens"])
+    flops = engine.all_reduce_sum(window["flops"])
+    values = {
+        "loss": round(loss, 6),
+        "lr": scheduler.get_last_lr()[0],
+        "grad_norm": round(grad_norm, 6),
+        "tokens_per_s": round(tokens / elapsed, 1),
+        "samples_per_s": round(engine.all_reduce_sum(window["samples"]) / elapsed, 2),
+        "pad_fraction": round(1 - window["tokens"] / max(window["padded"], 1), 4),
+        "mfu": round(flops / elapsed / (peak * engine.world_size), 4) if peak else None,
+    }
+    metrics.log(step, values)
+    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{values['tokens_per_s']:.0f}")
+    window.update(
+        loss=0.0, tokens=0, label_tokens=0, samples=0, flops=0.0, padded=0, start=time.perf_counter()
+    )
+    return loss

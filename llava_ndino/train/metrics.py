@@ -1,0 +1,80 @@
+"""Training metrics: JSONL and tensorboard logging, throughput and model FLOPs utilisation (MFU).
+
+FLOPs follow torchtitan's count: 6·N per language-model token (image tokens included) plus
+12·L·H·Q·T for attention, plus the vision tower's forward (2·N_vit per patch token), tripled when
+the tower trains. MFU divides by the chip's dense bf16 peak; on CPU it is not reported.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# dense bf16 peak FLOP/s by device-name fragment
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12, "4090": 165e12}
+
+
+def peak_flops() -> float | None:
+    """Return the dense bf16 peak of the current CUDA device, or None (CPU or unknown chip)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def flops_per_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    """Model FLOPs of one training micro-batch (forward + backward) of a LlavaNext model."""
+    inner = model.model
+    text_cfg = model.config.get_text_config()
+    lm_params = _count(inner.language_model) - inner.language_model.get_input_embeddings().weight.numel()
+    lm_params += _count(model.lm_head)
+    seq = batch["attention_mask"].shape[1]
+    tokens = int(batch["attention_mask"].sum())
+    head_dim = text_cfg.hidden_size // text_cfg.num_attention_heads
+    attention = 12 * text_cfg.num_hidden_layers * text_cfg.num_attention_heads * head_dim * seq
+    flops = tokens * (6 * lm_params + attention)
+    pixels = batch.get("pixel_values")
+    if pixels is not None:
+        vcfg = model.config.vision_config
+        patch_tokens = (vcfg.image_size // vcfg.patch_size) ** 2 + 1
+        tiles = pixels.shape[0] * pixels.shape[1]
+        trains = any(p.requires_grad for p in inner.vision_tower.parameters())
+        flops += (6 if trains else 2) * _count(inner.vision_tower) * patch_tokens * tiles
+    return float(flops)
+
+
+class MetricsLogger:
+    """Appends one JSON line per logging step to ``metrics.jsonl`` and mirrors scalars to tensorboard."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def log(self, step: int, values: dict[str, float | int | None]) -> None:
+        """Write ``values`` for ``step`` (None values go to JSONL only)."""
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time(), 3), **values}
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"train/{key}", value, step)
+
+    def close(self) -> None:
+        """Flush and close tensorboard."""
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,166 @@
+"""Model construction for training and inference: from a recipe, from a run directory or checkpoint,
+or from an HF LlavaNext folder; plus freezing by part and per-part learning rates."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoProcessor, CLIPVisionModel, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+from llava_ndino.config import ModelConfig, TrainConfig
+from llava_ndino.model.build import (
+    LoadOptions,
+    assemble,
+    assemble_from_folders,
+    describe_parameters,
+    load_llava,
+    make_image_processor,
+)
+from llava_ndino.model.tiny import TinySizes, tiny_llm, tiny_vision_config
+from llava_ndino.model.tokenizer import train_tiny_tokenizer
+
+log = logging.getLogger(__name__)
+
+PARTS = ("vision", "projector", "llm", "newline")
+SKELETON_DIR = "model"
+
+
+def build_model(cfg: ModelConfig, seed: int) -> tuple[LlavaNextForConditionalGeneration, object]:
+    """Build the model and processor a recipe asks for (weights are seeded for reproducibility)."""
+    from llava_ndino.data.templates import llava_chat_template
+
+    torch.manual_seed(seed)
+    options = LoadOptions(dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
+    projector = Path(cfg.projector) if cfg.projector else None
+    if cfg.source == "tiny":
+        sizes = TinySizes(
+            image_size=cfg.tiny_tile_size,
+            vision_hidden=cfg.tiny_vision_hidden_size,
+            vision_layers=cfg.tiny_vision_layers,
+            llm_hidden=cfg.tiny_hidden_size,
+            llm_layers=cfg.tiny_layers,
+        )
+        tokenizer = train_tiny_tokenizer(vocab_size=sizes.vocab_size)
+        vision = CLIPVisionModel(tiny_vision_config(sizes))
+        llm = tiny_llm(tokenizer, sizes)
+        image_processor = make_image_processor(sizes.image_size)
+        model, processor = assemble(vision, llm, tokenizer, image_processor, llava_chat_template(), projector)
+        model.set_attn_implementation(cfg.attn_implementation)
+        return model, processor
+    if cfg.source == "components":
+        if not cfg.vision or not cfg.llm:
+            raise ValueError("model.source=components needs model.vision=DIR and model.llm=DIR")
+        return assemble_from_folders(cfg.vision, Path(cfg.llm), projector, options)
+    if not cfg.llava:
+        raise ValueError("model.source=llava needs model.llava=DIR (an HF LlavaNext folder)")
+    return load_llava(Path(cfg.llava), options)
+
+
+def save_skeleton(model: LlavaNextForConditionalGeneration, processor, run_dir: Path) -> Path:
+    """Write the model config and processor (no weights) to ``run_dir/model`` so checkpoints can be loaded."""
+    out = Path(run_dir) / SKELETON_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(str(out))
+    model.generation_config.save_pretrained(str(out))
+    processor.save_pretrained(str(out))
+    return out
+
+
+def _checkpoint_dir(path: Path) -> Path | None:
+    """Return the checkpoint to load for ``path`` (a run dir or a checkpoint dir), or None."""
+    from llava_ndino.train.checkpoint import latest_checkpoint
+
+    if (path / "trainer_state.json").is_file():
+        return path
+    if (path / "checkpoints").is_dir():
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise FileNotFoundError(f"run directory {path} has no complete checkpoint yet")
+        return ckpt
+    return None
+
+
+def load_trained(
+    path: Path, options: LoadOptions | None = None
+) -> tuple[LlavaNextForConditionalGeneration, object]:
+    """Load a model for inference or export from a run directory, a checkpoint or an HF LlavaNext folder."""
+    path = Path(path)
+    ckpt = _checkpoint_dir(path)
+    if ckpt is None:
+        return load_llava(path, options)
+    skeleton = ckpt.parent.parent / SKELETON_DIR
+    if not (skeleton / "config.json").is_file():
+        raise FileNotFoundError(f"{skeleton} is missing: the run directory of {ckpt} is incomplete")
+    config = LlavaNextConfig.from_pretrained(str(skeleton))
+    options = options or LoadOptions()
+    config._attn_implementation = options.attn_implementation
+    with init_empty_weights(include_buffers=False):  # parameters come from the checkpoint
+        model = LlavaNextForConditionalGeneration(config)
+    state = load_file(str(ckpt / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not _is_tied(model, k)]
+    if missing or unexpected:
+        raise ValueError(
+            f"{ckpt}: checkpoint does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    model.tie_weights()
+    if options.dtype != "auto":
+        model.to(options.torch_dtype())
+    model.generation_config = model.generation_config.from_pretrained(str(skeleton))
+    log.info("loaded %s (step checkpoint of %s)", ckpt, ckpt.parent.parent)
+    return model.eval(), AutoProcessor.from_pretrained(str(skeleton))
+
+
+def _is_tied(model: nn.Module, key: str) -> bool:
+    return key == "lm_head.weight" and bool(model.config.get_text_config().tie_word_embeddings)
+
+
+def part_modules(model: LlavaNextForConditionalGeneration) -> dict[str, list[nn.Parameter]]:
+    """Return the parameters of each trainable part: vision, projector, llm (incl. lm_head), newline."""
+    inner = model.model
+    return {
+        "vision": list(inner.vision_tower.parameters()),
+        "projector": list(inner.multi_modal_projector.parameters()),
+        "llm": list(inner.language_model.parameters()) + list(model.lm_head.parameters()),
+        "newline": [inner.image_newline],
+    }
+
+
+def apply_trainable(model: LlavaNextForConditionalGeneration, trainable: list[str]) -> None:
+    """Freeze every part not in ``trainable`` and log the trainable/frozen parameter table."""
+    unknown = set(trainable) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown trainable part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    for name, params in part_modules(model).items():
+        for param in params:
+            param.requires_grad_(name in trainable)
+    log.info("parameters by part:\n%s", describe_parameters(model))
+
+
+def param_groups(model: LlavaNextForConditionalGeneration, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups per part (vision/projector may have their own lr); no weight decay on 1-D params."""
+    lrs = {"vision": cfg.lr_vision or cfg.lr, "projector": cfg.lr_projector or cfg.lr}
+    groups = []
+    seen: set[int] = set()
+    for name, params in part_modules(model).items():
+        live = [p for p in params if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in live)
+        for decay in (True, False):
+            chosen = [p for p in live if (p.ndim >= 2) == decay]
+            if chosen:
+                groups.append(
+                    {
+                        "params": chosen,
+                        "lr": lrs.get(name, cfg.lr),
+                        "weight_decay": cfg.weight_decay if decay else 0.0,
+                        "name": f"{name}{'' if decay else '_no_decay'}",
+                    }
+                )
+    if not groups:
+        raise ValueError("nothing to train: train.trainable selects no parameters")
+    return groups
