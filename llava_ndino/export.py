@@ -3,8 +3,9 @@
 The weights use the original LLaVA-NeXT key layout (``vision_tower.vision_model.*``,
 ``language_model.model.*``, ``language_model.lm_head.*``), which released NDiNO checkpoints use and
 both major versions map onto their modules. The processor is written both nested
-(``processor_config.json``, 5.x) and flat (``preprocessor_config.json``, 4.x), and the tokenizer
-names a class both versions know.
+(``processor_config.json``, 5.x) and flat (``preprocessor_config.json``, 4.x), the tokenizer
+names a class and lists its extra special tokens the way both versions read them, and the config
+spells RoPE both ways (5.x ``rope_parameters``, 4.x ``rope_theta``/``rope_scaling``).
 """
 
 from __future__ import annotations
@@ -89,6 +90,44 @@ def write_sharded_safetensors(tensors: Iterator[tuple[str, torch.Tensor]], out_d
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def make_config_portable(folder: Path) -> None:
+    """Add the 4.x spelling of 5.x-only fields to ``folder/config.json`` (5.x reads both).
+
+    transformers 5 stores RoPE as ``text_config.rope_parameters`` only; 4.x ignores that and silently
+    falls back to ``rope_theta=10000`` (LLaMA-3 needs 500000), so ``rope_theta`` and, for scaled RoPE
+    (LLaMA-3.1's ``llama3``), ``rope_scaling`` are written beside it.
+    """
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config.setdefault("architectures", [LlavaNextForConditionalGeneration.__name__])
+    text = config.get("text_config") or {}
+    rope = text.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        text["rope_theta"] = rope["rope_theta"]
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if scaling.get("rope_type", "default") != "default":
+            text["rope_scaling"] = scaling
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def make_tokenizer_portable(folder: Path) -> None:
+    """Make ``folder/tokenizer_config.json`` loadable by transformers 4.x as well as 5.x.
+
+    Besides the tokenizer class (see :func:`mark_tokenizer_portable`), 5.x writes extra special
+    tokens such as ``<image>`` as a list under ``extra_special_tokens``, where 4.x expects a dict
+    and crashes; both versions read a list under ``additional_special_tokens``.
+    """
+    mark_tokenizer_portable(folder)
+    path = Path(folder) / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, list):
+        del config["extra_special_tokens"]
+        known = config.get("additional_special_tokens") or []
+        config["additional_special_tokens"] = known + [t for t in extra if t not in known]
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def save_llava_folder(
     model: LlavaNextForConditionalGeneration, processor: LlavaNextProcessor, out: Path
 ) -> Path:
@@ -101,6 +140,7 @@ def save_llava_folder(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.config.save_pretrained(str(tmp))
+    make_config_portable(tmp)
     tokenizer = processor.tokenizer
     stop_ids = [i for i in (tokenizer.convert_tokens_to_ids(t) for t in (END_OF_TEXT, EOT)) if i is not None]
     generation = model.generation_config
@@ -110,7 +150,7 @@ def save_llava_folder(
     write_sharded_safetensors(_unique_tensors(model), tmp)
     processor.save_pretrained(str(tmp))
     processor.image_processor.save_pretrained(str(tmp))
-    mark_tokenizer_portable(tmp)
+    make_tokenizer_portable(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
