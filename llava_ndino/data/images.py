@@ -19,7 +19,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
         top = array.max() if array.size else 1.0
-        scaled = (array / (top if top > 0 else 1.0) * 255.0).round().astype(np.uint8)
+        scaled = np.clip(array / (top if top > 0 else 1.0) * 255.0, 0, 255).round().astype(np.uint8)
         return Image.fromarray(scaled, mode="L").convert("RGB")
     if image.mode in ("P", "PA"):
         image = image.convert("RGBA")
@@ -47,5 +47,7 @@ def load_image(path: Path, sample_id: str, max_pixels: int = DEFAULT_MAX_PIXELS)
             return to_rgb(ImageOps.exif_transpose(image))
     except SampleError:
         raise
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:  # above PIL's own limit (Image.MAX_IMAGE_PIXELS)
+        raise SampleError(sample_id, "image_too_large", f"image {path} is too large for PIL ({err})") from err
+    except (OSError, UnidentifiedImageError) as err:
         raise SampleError(sample_id, "unreadable_image", f"image {path} cannot be decoded ({err})") from err

@@ -30,6 +30,7 @@ from transformers import (
 
 from llava_ndino.model.projector import load_projector_into
 from llava_ndino.model.tiny import CLIP_MEAN, CLIP_STD
+from llava_ndino.model.tokenizer import END_OF_TEXT, EOT
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +88,14 @@ def load_vision_tower(spec: str, options: LoadOptions) -> tuple[CLIPVisionModel,
     Returns the tower and the pixel statistics (``mean``/``std``) found beside it.
     """
     if spec.startswith(OPENCLIP_PREFIX):
-        from llava_ndino.model.openclip_tower import load_openclip_as_hf
+        from llava_ndino.model.openclip_tower import load_openclip_model, openclip_to_hf_clip_vision
 
         name, _, weights = spec[len(OPENCLIP_PREFIX) :].partition(":")
-        tower = load_openclip_as_hf(name, Path(weights) if weights else None)
-        return tower.to(options.torch_dtype() if options.dtype != "auto" else torch.float32), {}
+        oc_model = load_openclip_model(name, Path(weights) if weights else None)
+        tower = openclip_to_hf_clip_vision(oc_model)
+        preprocess = getattr(oc_model.visual, "preprocess_cfg", {})  # the tower's own pixel statistics
+        stats = {"mean": preprocess.get("mean"), "std": preprocess.get("std")}
+        return tower.to(options.torch_dtype() if options.dtype != "auto" else torch.float32), stats
     folder = Path(spec)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
@@ -116,6 +120,16 @@ def add_vlm_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id in forbidden:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     assert tokenizer.pad_token_id not in forbidden
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, eos: int | list[int] | None) -> list[int]:
+    """Return ``eos`` plus LLaMA-3's ``<|end_of_text|>`` and ``<|eot_id|>`` ids where the tokenizer has them.
+
+    LLaMA-3 base models stop only on ``<|end_of_text|>``; a chat-tuned VLM ends its turns with ``<|eot_id|>``.
+    """
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    vocab = tokenizer.get_vocab()
+    return ids + [vocab[t] for t in (END_OF_TEXT, EOT) if t in vocab and vocab[t] not in ids]
 
 
 def resize_embeddings_to_mean(model: PreTrainedModel, new_size: int) -> None:
@@ -170,6 +184,7 @@ def assemble(
     if projector is not None:
         load_projector_into(model.model.multi_modal_projector, projector)
     model.generation_config = llm.generation_config
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer, llm.generation_config.eos_token_id)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     processor = LlavaNextProcessor(
         image_processor=image_processor,
