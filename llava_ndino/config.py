@@ -24,6 +24,8 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from llava_ndino.data.templates import TEMPLATES
+
 
 class RecipeError(ValueError):
     """A recipe, a command-line override or the configuration they produce is invalid."""
@@ -139,8 +141,10 @@ class RunConfig:
     """Checkpoint whose weights initialise the model before training."""
     seed: int = 0
     """Random seed."""
+    objective: str = "vlm_sft"
+    """What to train: vlm_sft (image + conversation, loss on the answers)."""
     engine: str = "single"
-    """Training engine that runs the loop."""
+    """How the loop runs: single (one process) or ddp (DistributedDataParallel; chosen automatically under torchrun with several processes)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Model construction."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -153,7 +157,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.source": ("components", "llava", "tiny"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
-    "data.template": ("llama3", "plain"),
+    "data.template": tuple(TEMPLATES),
+    "engine": ("single", "ddp"),
     "data.synthetic": ("shapes",),
     "train.schedule": ("cosine", "linear", "constant"),
     "train.trainable": ("projector", "vision", "llm", "newline"),

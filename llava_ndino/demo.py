@@ -19,13 +19,14 @@ from llava_ndino.data.shapes import (
 )
 from llava_ndino.export import save_llava_folder
 from llava_ndino.infer import Answerer
-from llava_ndino.train.loop import make_source, train
+from llava_ndino.train.loop import train
 from llava_ndino.train.model_setup import load_trained
+from llava_ndino.train.tasks import VlmSftTask
 
 
 def eval_samples(cfg: RunConfig) -> list[ShapesSample]:
     """The held-out questions: the eval split of the synthetic set (a seed disjoint from training)."""
-    source = make_source(cfg, split="eval")
+    source = VlmSftTask(cfg).source("eval")
     return [make_sample(i, source.seed, source.image_size, source.image_size) for i in range(len(source))]
 
 
@@ -71,7 +72,7 @@ def run_demo(overrides: list[str]) -> dict:
     )
 
     samples = eval_samples(cfg)
-    train_source = make_source(cfg, split="train")
+    train_source = VlmSftTask(cfg).source("train")
     baseline_train = [make_sample(i, train_source.seed, 32, 32) for i in range(min(len(train_source), 2000))]
     scores = evaluate(answerer, samples)
     print(format_report(scores, majority_baseline(baseline_train, samples)))

@@ -16,22 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_scheduler
 
 from llava_ndino.config import RunConfig, config_to_yaml, save_resolved_config
-from llava_ndino.data.dataset import (
-    Batch,
-    Collator,
-    EncodedDataset,
-    JsonRecords,
-    RecordSource,
-    ResumableSampler,
-    ShapesRecords,
-)
-from llava_ndino.data.encode import IGNORE_INDEX, ConversationEncoder
+from llava_ndino.data.dataset import Batch, ResumableSampler
 from llava_ndino.train.checkpoint import (
     install_termination_handler,
     load_checkpoint,
@@ -40,8 +30,8 @@ from llava_ndino.train.checkpoint import (
     save_checkpoint,
 )
 from llava_ndino.train.engine import Engine, init_distributed, make_engine
-from llava_ndino.train.metrics import MetricsLogger, flops_per_step, peak_flops
-from llava_ndino.train.model_setup import apply_trainable, build_model, param_groups, save_skeleton
+from llava_ndino.train.metrics import MetricsLogger, peak_flops
+from llava_ndino.train.tasks import Task, make_task
 
 log = logging.getLogger(__name__)
 MIN_SEEN_FOR_SKIP_ABORT = 200
@@ -94,29 +84,6 @@ class SkipTracker:
         self.seen, self.reasons = state["seen"], Counter(state["reasons"])
 
 
-def make_source(cfg: RunConfig, split: str = "train") -> RecordSource:
-    """Return the record source the recipe asks for (synthetic shapes or a LLaVA JSON file)."""
-    data = cfg.data
-    if data.synthetic == "shapes":
-        count = data.synthetic_train if split == "train" else data.synthetic_eval
-        seed = cfg.seed if split == "train" else cfg.seed + 1_000_003
-        return ShapesRecords(count, seed, data.synthetic_image_size)
-    if not data.path:
-        raise ValueError("set data.path=FILE (LLaVA JSON/JSONL) or data.synthetic=shapes")
-    return JsonRecords(Path(data.path))
-
-
-def sft_loss_sum(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over label tokens, and how many there are."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = module(**inputs, use_cache=False).logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, int((labels != IGNORE_INDEX).sum())
-
-
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -150,14 +117,15 @@ def train(cfg: RunConfig) -> TrainResult:
 
 def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size: int) -> TrainResult:
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    model, processor = build_model(cfg.model, cfg.seed)
+    task = make_task(cfg)
+    task.build()
+    model = task.model
     if rank == 0:
         save_resolved_config(cfg, run_dir)
-        save_skeleton(model, processor, run_dir)
-    apply_trainable(model, list(cfg.train.trainable))
+        task.save_skeleton(run_dir)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.train), betas=(0.9, 0.999), eps=1e-8)
+    optimizer = torch.optim.AdamW(task.param_groups(), betas=(0.9, 0.999), eps=1e-8)
     scheduler = get_scheduler(
         "constant_with_warmup" if cfg.train.schedule == "constant" else cfg.train.schedule,
         optimizer,
@@ -165,8 +133,7 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size
         num_training_steps=cfg.train.max_steps,
     )
     engine = make_engine(cfg.engine, model, optimizer, device, world_size)
-    encoder = ConversationEncoder(processor, cfg.data.template, cfg.data.max_length, cfg.data.image_root)
-    dataset = EncodedDataset(make_source(cfg), encoder)
+    dataset = task.dataset("train")
     skips = SkipTracker(run_dir, cfg.data.max_skip_ratio, len(dataset), engine.is_main)
 
     step, consumed = 0, 0
@@ -196,7 +163,7 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size
         dataset,
         batch_size=cfg.train.per_device_batch_size,
         sampler=sampler,
-        collate_fn=Collator(processor.tokenizer.pad_token_id),
+        collate_fn=task.collator(),
         num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0,
     )
@@ -204,7 +171,7 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size
     termination = install_termination_handler()
     try:
         result = _loop(
-            cfg, engine, scheduler, iter(loader), skips, metrics, termination, step, consumed, run_dir
+            cfg, task, engine, scheduler, iter(loader), skips, metrics, termination, step, consumed, run_dir
         )
     finally:
         termination.restore()
@@ -230,22 +197,49 @@ def _save(
     engine.barrier()
 
 
+class Window:
+    """Sums over the steps since the last log line; each rank keeps its own and they are reduced at log time."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new logging window."""
+        self.sums: Counter[str] = Counter(
+            dict.fromkeys(("loss", "targets", "tokens", "padded", "samples", "flops"), 0)
+        )
+        self.start = time.perf_counter()
+
+    def add_batch(self, batch: dict[str, torch.Tensor], flops: float) -> None:
+        """Count a micro-batch's real tokens, padded size, samples and FLOPs."""
+        mask = batch["attention_mask"]
+        self.sums.update(tokens=int(mask.sum()), padded=mask.numel(), samples=mask.shape[0], flops=flops)
+
+    def values(self, engine: Engine) -> dict[str, float]:
+        """Reduced per-second rates, the mean loss per target and the mean of every task statistic."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        totals = {key: engine.all_reduce_sum(float(value)) for key, value in sorted(self.sums.items())}
+        targets = max(totals.get("targets", 0.0), 1.0)
+        values = {"loss": round(totals.get("loss", 0.0) / targets, 6)}
+        for key, value in totals.items():
+            if key.startswith("stat/"):
+                values[key[len("stat/") :]] = round(value / targets, 6)
+        values["tokens_per_s"] = round(totals.get("tokens", 0.0) / elapsed, 1)
+        values["samples_per_s"] = round(totals.get("samples", 0.0) / elapsed, 2)
+        values["pad_fraction"] = round(1 - totals.get("tokens", 0.0) / max(totals.get("padded", 0.0), 1.0), 4)
+        peak = peak_flops()
+        values["mfu"] = (
+            round(totals.get("flops", 0.0) / elapsed / (peak * engine.world_size), 4) if peak else None
+        )
+        return values
+
+
 def _loop(
-    cfg, engine: Engine, scheduler, batches, skips, metrics, termination, step, consumed, run_dir
+    cfg, task: Task, engine: Engine, scheduler, batches, skips, metrics, termination, step, consumed, run_dir
 ) -> TrainResult:
     train_cfg = cfg.train
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if engine.device.type == "cuda" else nullcontext()
-    peak = peak_flops()
-    window = {
-        "loss": 0.0,
-        "tokens": 0,
-        "label_tokens": 0,
-        "samples": 0,
-        "flops": 0.0,
-        "padded": 0,
-        "start": time.perf_counter(),
-    }
-    last_loss = None
+    window, last_loss = Window(), None
     engine.model.train()
     bar = tqdm(
         total=train_cfg.max_steps,
@@ -263,26 +257,31 @@ def _loop(
             consumed += batch.num_raw * engine.world_size
             if not batch.empty:
                 micro.append(_to_device(batch.tensors, engine.device))
-        local_label_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-        step_label_tokens = engine.all_reduce_sum(local_label_tokens)
-        loss_total = 0.0
+        local_targets = sum(task.targets(b) for b in micro)
+        step_targets = max(engine.all_reduce_sum(local_targets), 1)
         for batch in micro:
             with autocast:
-                loss_sum, _ = sft_loss_sum(engine.module, batch)
-            engine.backward(loss_sum * engine.world_size / max(step_label_tokens, 1))
-            loss_total += float(loss_sum.detach())
-            window["tokens"] += int(batch["attention_mask"].sum())
-            window["padded"] += batch["attention_mask"].numel()
-            window["samples"] += batch["input_ids"].shape[0]
-            window["flops"] += flops_per_step(engine.model, batch)
+                loss_sum, stats = task.loss_sum(engine.module, batch)
+            engine.backward(loss_sum * engine.world_size / step_targets)
+            window.sums.update(
+                {"loss": float(loss_sum.detach()), **{f"stat/{k}": v for k, v in stats.items()}}
+            )
+            window.add_batch(batch, task.flops(batch))
+        window.sums["targets"] += local_targets
         grad_norm = engine.clip_and_step(train_cfg.max_grad_norm)
         scheduler.step()
         step += 1
-        window["loss"] += loss_total
-        window["label_tokens"] += local_label_tokens
         bar.update(1)
         if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:
-            last_loss = _log_window(engine, metrics, scheduler, step, grad_norm, window, peak, bar)
+            values = {
+                **window.values(engine),
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": round(grad_norm, 6),
+            }
+            metrics.log(step, values)
+            bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:.0f}")
+            last_loss = values["loss"]
+            window.reset()
         if engine.all_reduce_sum(float(termination.requested)) > 0:
             log.warning("termination signal received: saving step %d and exiting", step)
             _save(cfg, engine, scheduler, step, consumed, skips, run_dir)
@@ -292,25 +291,3 @@ def _loop(
             _save(cfg, engine, scheduler, step, consumed, skips, run_dir)
     bar.close()
     return TrainResult(run_dir, step, "completed", last_loss)
-
-
-def _log_window(engine, metrics, scheduler, step, grad_norm, window, peak, bar) -> float:
-    elapsed = max(time.perf_counter() - window["start"], 1e-9)
-    loss = engine.all_reduce_sum(window["loss"]) / max(engine.all_reduce_sum(window["label_tokens"]), 1)
-    tokens = engine.all_reduce_sum(window["tokens"])
-    flops = engine.all_reduce_sum(window["flops"])
-    values = {
-        "loss": round(loss, 6),
-        "lr": scheduler.get_last_lr()[0],
-        "grad_norm": round(grad_norm, 6),
-        "tokens_per_s": round(tokens / elapsed, 1),
-        "samples_per_s": round(engine.all_reduce_sum(window["samples"]) / elapsed, 2),
-        "pad_fraction": round(1 - window["tokens"] / max(window["padded"], 1), 4),
-        "mfu": round(flops / elapsed / (peak * engine.world_size), 4) if peak else None,
-    }
-    metrics.log(step, values)
-    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{values['tokens_per_s']:.0f}")
-    window.update(
-        loss=0.0, tokens=0, label_tokens=0, samples=0, flops=0.0, padded=0, start=time.perf_counter()
-    )
-    return loss

@@ -20,8 +20,9 @@ from llava_ndino.data.dataset import (
     Skipped,
 )
 from llava_ndino.data.encode import ConversationEncoder
-from llava_ndino.train.loop import SkipTracker, sft_loss_sum
+from llava_ndino.train.loop import SkipTracker
 from llava_ndino.train.model_setup import apply_trainable, build_model, param_groups
+from llava_ndino.train.tasks import token_loss_sum
 
 TINY = ["recipe=demo", "output_dir=unused", "model.tiny_hidden_size=64", "data.synthetic_image_size=112"]
 
@@ -120,7 +121,8 @@ def test_accumulated_loss_equals_one_big_batch(tiny_vlm) -> None:
         model.zero_grad()
         total = sum(int((b.tensors["labels"][:, 1:] != -100).sum()) for b in micro_batches)
         for batch in micro_batches:
-            loss, _ = sft_loss_sum(model, batch.tensors)
+            inputs = {k: v for k, v in batch.tensors.items() if k != "labels"}
+            loss = token_loss_sum(model(**inputs).logits, batch.tensors["labels"])
             (loss / total).backward()
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 

@@ -1,0 +1,142 @@
+"""Tasks: what the one loop trains. A task owns the model family, the data and the objective; the
+loop owns optimisation, engines, checkpoints and logging.
+
+A task's ``loss_sum`` returns a *summed* loss, the number of targets it sums over (label tokens,
+preference pairs, ...) and summed extra statistics; the loop divides by the targets of the whole
+optimiser step, so gradient accumulation and world size never change the objective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from llava_ndino.config import RunConfig
+from llava_ndino.data.dataset import Batch, Collator, EncodedDataset, JsonRecords, RecordSource, ShapesRecords
+from llava_ndino.data.encode import IGNORE_INDEX, ConversationEncoder
+from llava_ndino.train.metrics import flops_per_step
+from llava_ndino.train.model_setup import apply_trainable, build_model, param_groups, save_skeleton
+
+
+class Task:
+    """Base class: build the model, the data set and its collator, and compute the objective."""
+
+    name = "task"
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.model: nn.Module
+        self.processor = None
+
+    def build(self) -> None:
+        """Create ``self.model`` (all parameters on CPU) and ``self.processor``; freeze per the recipe."""
+        raise NotImplementedError
+
+    def save_skeleton(self, run_dir: Path) -> None:
+        """Write what inference and export need besides the weights (config, tokenizer/processor)."""
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        """Optimiser parameter groups (with their own lr/weight decay)."""
+        raise NotImplementedError
+
+    def dataset(self, split: str = "train") -> Dataset:
+        """The map-style data set for ``split``; items may be :class:`~llava_ndino.data.dataset.Skipped`."""
+        raise NotImplementedError
+
+    def collator(self) -> Callable[[list], Batch]:
+        """Collate data-set items into a :class:`~llava_ndino.data.dataset.Batch`."""
+        raise NotImplementedError
+
+    def loss_sum(
+        self, module: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Summed loss over the batch's targets, plus summed statistics to log (divided by targets)."""
+        raise NotImplementedError
+
+    def targets(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many targets ``loss_sum`` sums over for ``batch``."""
+        raise NotImplementedError
+
+    def flops(self, batch: dict[str, torch.Tensor]) -> float:
+        """Model FLOPs of a forward+backward pass over ``batch`` (for MFU)."""
+        raise NotImplementedError
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy of ``logits`` against ``labels`` (``-100`` ignored), in fp32."""
+    shifted = logits[:, :-1].float()
+    return F.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Label tokens that carry loss after the next-token shift."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+class VlmSftTask(Task):
+    """LLaVA-NeXT supervised fine-tuning (every NDiNO stage): image + conversation, loss on answers."""
+
+    name = "vlm_sft"
+
+    def build(self) -> None:
+        self.model, self.processor = build_model(self.cfg.model, self.cfg.seed)
+        apply_trainable(self.model, list(self.cfg.train.trainable))
+
+    def save_skeleton(self, run_dir: Path) -> None:
+        save_skeleton(self.model, self.processor, run_dir)
+
+    def param_groups(self) -> list[dict]:
+        return param_groups(self.model, self.cfg.train)
+
+    def source(self, split: str = "train") -> RecordSource:
+        """The record source the recipe asks for (synthetic shapes or a LLaVA JSON file)."""
+        data = self.cfg.data
+        if data.synthetic == "shapes":
+            count = data.synthetic_train if split == "train" else data.synthetic_eval
+            seed = self.cfg.seed if split == "train" else self.cfg.seed + 1_000_003
+            return ShapesRecords(count, seed, data.synthetic_image_size)
+        if not data.path:
+            raise ValueError("set data.path=FILE (LLaVA JSON/JSONL) or data.synthetic=shapes")
+        return JsonRecords(Path(data.path))
+
+    def dataset(self, split: str = "train") -> Dataset:
+        data = self.cfg.data
+        encoder = ConversationEncoder(self.processor, data.template, data.max_length, data.image_root)
+        return EncodedDataset(self.source(split), encoder)
+
+    def collator(self) -> Callable[[list], Batch]:
+        return Collator(self.processor.tokenizer.pad_token_id)
+
+    def loss_sum(
+        self, module: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = module(**inputs, use_cache=False).logits
+        return token_loss_sum(logits, batch["labels"]), {}
+
+    def targets(self, batch: dict[str, torch.Tensor]) -> int:
+        return count_label_tokens(batch)
+
+    def flops(self, batch: dict[str, torch.Tensor]) -> float:
+        return flops_per_step(self.model, batch)
+
+
+TASKS: dict[str, type[Task]] = {VlmSftTask.name: VlmSftTask}
+
+
+def make_task(cfg: RunConfig) -> Task:
+    """Return the task for ``cfg.objective``."""
+    if cfg.objective not in TASKS:
+        raise ValueError(f"unknown objective {cfg.objective!r}; known: {', '.join(sorted(TASKS))}")
+    return TASKS[cfg.objective](cfg)
