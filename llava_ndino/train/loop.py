@@ -140,7 +140,7 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size
     checkpoint = resolve_resume(cfg.resume, run_dir)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint)
-        model.load_state_dict(state.model_state)
+        task.load_state(state.model_state)
         optimizer.load_state_dict(state.optimizer_state)
         scheduler.load_state_dict(state.scheduler_state)
         step, consumed = state.step, state.trainer_state["consumed"]
@@ -180,9 +180,16 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size
 
 
 def _save(
-    cfg: RunConfig, engine: Engine, scheduler, step: int, consumed: int, skips: SkipTracker, run_dir: Path
+    cfg: RunConfig,
+    task: Task,
+    engine: Engine,
+    scheduler,
+    step: int,
+    consumed: int,
+    skips: SkipTracker,
+    run_dir: Path,
 ) -> None:
-    state = engine.model_state()
+    state = task.checkpoint_state(engine.model_state())
     if engine.is_main:
         save_checkpoint(
             run_dir,
@@ -284,10 +291,10 @@ def _loop(
             window.reset()
         if engine.all_reduce_sum(float(termination.requested)) > 0:
             log.warning("termination signal received: saving step %d and exiting", step)
-            _save(cfg, engine, scheduler, step, consumed, skips, run_dir)
+            _save(cfg, task, engine, scheduler, step, consumed, skips, run_dir)
             bar.close()
             return TrainResult(run_dir, step, "preempted", last_loss)
         if step % train_cfg.save_every == 0 or step == train_cfg.max_steps:
-            _save(cfg, engine, scheduler, step, consumed, skips, run_dir)
+            _save(cfg, task, engine, scheduler, step, consumed, skips, run_dir)
     bar.close()
     return TrainResult(run_dir, step, "completed", last_loss)

@@ -45,6 +45,14 @@ class Task:
         """Optimiser parameter groups (with their own lr/weight decay)."""
         raise NotImplementedError
 
+    def checkpoint_state(self, model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The part of the model state a checkpoint stores (all of it; adapter tasks keep only adapters)."""
+        return model_state
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load what :meth:`checkpoint_state` stored back into ``self.model``."""
+        self.model.load_state_dict(state)
+
     def dataset(self, split: str = "train") -> Dataset:
         """The map-style data set for ``split``; items may be :class:`~llava_ndino.data.dataset.Skipped`."""
         raise NotImplementedError
