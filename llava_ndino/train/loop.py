@@ -21,7 +21,7 @@ from tqdm import tqdm
 from transformers import get_scheduler
 
 from llava_ndino.config import RunConfig, config_to_yaml, save_resolved_config
-from llava_ndino.data.dataset import Batch, ResumableSampler
+from llava_ndino.data.dataset import Batch
 from llava_ndino.train.checkpoint import (
     install_termination_handler,
     load_checkpoint,
@@ -158,7 +158,7 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size
         cfg.train.grad_accum,
         world_size,
     )
-    sampler = ResumableSampler(len(dataset), cfg.seed, start=consumed, rank=rank, world_size=world_size)
+    sampler = task.sampler(dataset, consumed, rank, world_size)
     loader = DataLoader(
         dataset,
         batch_size=cfg.train.per_device_batch_size,

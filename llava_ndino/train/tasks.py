@@ -14,10 +14,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from llava_ndino.config import RunConfig
-from llava_ndino.data.dataset import Batch, Collator, EncodedDataset, JsonRecords, RecordSource, ShapesRecords
+from llava_ndino.data.dataset import (
+    Batch,
+    Collator,
+    EncodedDataset,
+    JsonRecords,
+    RecordSource,
+    ResumableSampler,
+    ShapesRecords,
+)
 from llava_ndino.data.encode import IGNORE_INDEX, ConversationEncoder
 from llava_ndino.train.metrics import flops_per_step
 from llava_ndino.train.model_setup import apply_trainable, build_model, param_groups, save_skeleton
@@ -60,6 +68,10 @@ class Task:
     def collator(self) -> Callable[[list], Batch]:
         """Collate data-set items into a :class:`~llava_ndino.data.dataset.Batch`."""
         raise NotImplementedError
+
+    def sampler(self, dataset: Dataset, start: int, rank: int, world_size: int) -> Sampler[int]:
+        """The index stream, starting after ``start`` consumed samples (global count over ranks)."""
+        return ResumableSampler(len(dataset), self.cfg.seed, start=start, rank=rank, world_size=world_size)
 
     def loss_sum(
         self, module: nn.Module, batch: dict[str, torch.Tensor]
