@@ -1,16 +1,15 @@
 """Synthetic Italian visual-QA data set of coloured shapes, used by ``make demo``.
 
-Each image has a white background divided into a 3x3 grid of equal cells (rectangular when the
+Each image has a white background divided into a 2x2 grid of equal cells (rectangular when the
 image is not square). One to three filled shapes are drawn, each alone in its own cell, so shapes
 never overlap and their position always has a single name:
 
-    in alto a sinistra | in alto   | in alto a destra
-    a sinistra         | al centro | a destra
-    in basso a sinistra| in basso  | in basso a destra
+    in alto a sinistra  | in alto a destra
+    in basso a sinistra | in basso a destra
 
 Shapes are ``cerchio``, ``quadrato`` and ``triangolo``; within a scene their colours are distinct
 and drawn from four saturated colours (``rosso``, ``verde``, ``blu``, ``giallo``) that survive
-resizing. Each shape's size (60-85% of the cell) and offset inside its cell are jittered, so two
+resizing. Each shape's size (70-90% of the cell) and offset inside its cell are jittered, so two
 seeds rarely produce the same image. Drawing uses no anti-aliasing: every shape pixel has exactly
 its named colour.
 
@@ -21,6 +20,12 @@ balanced, with a short lowercase answer meant for exact match:
 * ``conteggio``: "Quante forme ci sono?" -> "una" / "due" / "tre";
 * ``posizione``: "Dove si trova il quadrato?" -> "in alto a sinistra" (kind present exactly once);
 * ``forma``: "Quale forma è rossa?" -> "il cerchio" (colour present exactly once).
+
+Training uses multi-turn dialogues (:func:`make_dialogue`): one image, one question of every type
+the scene supports and a description ("Descrivi l'immagine." -> "un cerchio rosso in alto a
+sinistra, un quadrato blu in basso a destra"). Like LLaVA's caption stage, the dense description
+teaches a model trained from scratch to read every shape's kind, colour and place, which the
+questions then reuse. Evaluation asks single questions of the four types.
 """
 
 from __future__ import annotations
@@ -45,21 +50,16 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 FEMININE: dict[str, str] = {"rosso": "rossa", "verde": "verde", "blu": "blu", "giallo": "gialla"}
 BACKGROUND: tuple[int, int, int] = (255, 255, 255)
-GRID = 3
+GRID = 2
 POSITION_NAMES: dict[tuple[int, int], str] = {
     (0, 0): "in alto a sinistra",
-    (0, 1): "in alto",
-    (0, 2): "in alto a destra",
-    (1, 0): "a sinistra",
-    (1, 1): "al centro",
-    (1, 2): "a destra",
-    (2, 0): "in basso a sinistra",
-    (2, 1): "in basso",
-    (2, 2): "in basso a destra",
+    (0, 1): "in alto a destra",
+    (1, 0): "in basso a sinistra",
+    (1, 1): "in basso a destra",
 }
 COUNT_WORDS: dict[int, str] = {1: "una", 2: "due", 3: "tre"}
 MIN_SIDE = 24
-_SIZE_RANGE = (0.6, 0.85)
+_SIZE_RANGE = (0.7, 0.9)
 _MAX_JITTER = 0.5
 
 
@@ -67,7 +67,7 @@ _MAX_JITTER = 0.5
 class Shape:
     """A filled shape in one grid cell.
 
-    ``cell`` is ``(row, col)`` in the 3x3 grid; ``size`` is the shape's extent as a fraction of the
+    ``cell`` is ``(row, col)`` in the 2x2 grid; ``size`` is the shape's extent as a fraction of the
     cell's shorter side; ``dx``/``dy`` in [-1, 1] shift it inside the cell as a fraction of the
     free room on each axis (0 = centred, +-1 = touching the cell border).
     """
@@ -149,6 +149,12 @@ def questions_for_scene(shapes: Sequence[Shape]) -> list[tuple[str, str, str]]:
     return questions
 
 
+def describe_scene(shapes: Sequence[Shape]) -> str:
+    """Describe every shape in reading order: "un cerchio rosso in alto a sinistra, un ..."."""
+    ordered = sorted(shapes, key=lambda shape: shape.cell)
+    return ", ".join(f"un {shape.kind} {shape.colour} {POSITION_NAMES[shape.cell]}" for shape in ordered)
+
+
 def random_scene(rng: random.Random) -> list[Shape]:
     """Draw a scene of 1-3 shapes in distinct cells with distinct colours and jittered geometry."""
     n = rng.randint(1, len(COUNT_WORDS))
@@ -189,6 +195,30 @@ def make_sample(i: int, seed: int, width: int = 224, height: int = 224) -> Shape
         qtype=qtype,
         shapes=tuple(scene),
     )
+
+
+def make_dialogue(i: int, seed: int, width: int = 224, height: int = 224) -> tuple[dict, Image.Image]:
+    """Return training dialogue ``i`` for ``seed``: a LLaVA record and its image.
+
+    One image, then a multi-turn conversation in random order: one question of every type the
+    scene supports and the scene description. Several answers per image give a model trained from
+    scratch far more supervision per image than single questions do.
+    """
+    rng = random.Random(f"dialogue:{seed}:{i}")
+    scene = random_scene(rng)
+    by_type: dict[str, list[tuple[str, str]]] = {}
+    for qtype, question, answer in questions_for_scene(scene):
+        by_type.setdefault(qtype, []).append((question, answer))
+    turns = [rng.choice(options) for options in by_type.values()]
+    turns.append(("Descrivi l'immagine.", describe_scene(scene)))
+    rng.shuffle(turns)
+    conversations = []
+    for index, (question, answer) in enumerate(turns):
+        prefix = "<image>\n" if index == 0 else ""
+        conversations += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
+    sample_id = f"shapes-dialogue-{seed}-{i:06d}"
+    record = {"id": sample_id, "image": f"{sample_id}.png", "conversations": conversations}
+    return record, render_scene(scene, width, height)
 
 
 def iter_samples(n: int, seed: int, width: int = 224, height: int = 224) -> Iterator[ShapesSample]:

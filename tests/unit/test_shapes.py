@@ -11,12 +11,15 @@ from llava_ndino.data.shapes import (
     BACKGROUND,
     COLOURS,
     FEMININE,
+    GRID,
     POSITION_NAMES,
     QUESTION_TYPES,
     Shape,
     ShapesSample,
+    describe_scene,
     generate_samples,
     majority_baseline,
+    make_dialogue,
     normalize_answer,
     questions_for_scene,
     render_scene,
@@ -60,7 +63,7 @@ def test_hand_built_scene_questions_and_answers():
         ("colore", "Di che colore è il cerchio?", "rosso"),
         ("colore", "Di che colore è il quadrato?", "blu"),
         ("posizione", "Dove si trova il cerchio?", "in alto a sinistra"),
-        ("posizione", "Dove si trova il quadrato?", "al centro"),
+        ("posizione", "Dove si trova il quadrato?", "in basso a destra"),
         ("forma", "Quale forma è rossa?", "il cerchio"),
         ("forma", "Quale forma è blu?", "il quadrato"),
     }
@@ -69,8 +72,8 @@ def test_hand_built_scene_questions_and_answers():
 def test_repeated_kind_is_never_asked_about():
     scene = [
         Shape("cerchio", "verde", (0, 2)),
-        Shape("cerchio", "giallo", (2, 0)),
-        Shape("triangolo", "rosso", (2, 2)),
+        Shape("cerchio", "giallo", (1, 0)),
+        Shape("triangolo", "rosso", (1, 1)),
     ]
     assert set(questions_for_scene(scene)) == {
         ("conteggio", "Quante forme ci sono?", "tre"),
@@ -86,7 +89,7 @@ def test_repeated_kind_is_never_asked_about():
 
 def test_single_shape_count_is_una():
     assert ("conteggio", "Quante forme ci sono?", "una") in questions_for_scene(
-        [Shape("triangolo", "giallo", (2, 1))]
+        [Shape("triangolo", "giallo", (1, 0))]
     )
 
 
@@ -97,8 +100,8 @@ def test_every_cell_is_named_and_drawn_there(cell):
     width, height = 300, 210
     x0, y0, x1, y1 = shape_bbox(scene[0], width, height)
     row, col = cell
-    assert col * width / 3 <= x0 <= x1 < (col + 1) * width / 3
-    assert row * height / 3 <= y0 <= y1 < (row + 1) * height / 3
+    assert col * width / GRID <= x0 <= x1 < (col + 1) * width / GRID
+    assert row * height / GRID <= y0 <= y1 < (row + 1) * height / GRID
     image = render_scene(scene, width, height)
     assert image.getpixel(shape_centre(scene[0], width, height)) == COLOURS["verde"]
 
@@ -219,3 +222,19 @@ def test_write_shapes_dataset(tmp_path):
         with Image.open(json_path.parent / record["image"]) as image:
             assert image.size == (96, 64)
             assert image.convert("RGB").tobytes() == sample.image.tobytes()
+
+
+def test_dialogues_ask_every_supported_type_and_describe_the_scene():
+    scene = [Shape("triangolo", "blu", (1, 1)), Shape("cerchio", "rosso", (0, 0))]
+    assert describe_scene(scene) == "un cerchio rosso in alto a sinistra, un triangolo blu in basso a destra"
+    for i in range(20):
+        record, image = make_dialogue(i, seed=4, width=112, height=112)
+        turns = record["conversations"]
+        assert image.size == (112, 112)
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert turns[0]["value"].startswith("<image>\n")
+        assert sum(t["value"].count("<image>") for t in turns) == 1
+        questions = [t["value"].removeprefix("<image>\n") for t in turns[::2]]
+        assert "Descrivi l'immagine." in questions and "Quante forme ci sono?" in questions
+        assert len(questions) == len(set(questions))
+    assert make_dialogue(3, seed=4)[0] == make_dialogue(3, seed=4)[0]
