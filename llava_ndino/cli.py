@@ -13,6 +13,10 @@ def _cmd_tiny(args: argparse.Namespace) -> None:
 
     sizes = TinySizes(image_size=args.image_size)
     paths = write_tiny(Path(args.out), sizes, seed=args.seed)
+    if args.text_data:
+        from llava_ndino.data.text_samples import write_text_samples
+
+        paths.update(write_text_samples(Path(args.out) / "text", seed=args.seed))
     for name, path in paths.items():
         print(f"{name:>9}: {path}")
 
@@ -71,9 +75,16 @@ def _cmd_ask(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from llava_ndino.export import save_llava_folder
+    from llava_ndino.export_text import export_text_run, is_text_run
     from llava_ndino.model.build import LoadOptions
     from llava_ndino.train.model_setup import load_trained
 
+    if is_text_run(Path(args.path)):
+        export_text_run(Path(args.path), Path(args.out), adapter=args.adapter, dtype=args.dtype)
+        print(f"wrote {'PEFT adapter' if args.adapter else 'merged causal-LM'} folder {args.out}")
+        return 0
+    if args.adapter:
+        args.parser.error("--adapter applies to text runs trained with lora.enabled=true")
     model, processor = load_trained(Path(args.path), LoadOptions(dtype=args.dtype))
     save_llava_folder(model, processor, Path(args.out))
     print(f"wrote LlavaNext folder {args.out}")
@@ -100,6 +111,52 @@ def _cmd_recipes(args: argparse.Namespace) -> None:
 
     for name, description in list_recipes():
         print(f"{name:<24} {description}")
+
+
+def _cmd_data_list(args: argparse.Namespace) -> None:
+    from llava_ndino.data.manifests import data_root, format_table
+
+    print(format_table(data_root(args.root)))
+
+
+def _cmd_data_validate(args: argparse.Namespace) -> None:
+    from llava_ndino.data.validate import run_validate
+
+    run_validate(
+        args.target,
+        [f"recipe={args.recipe[0]}", *args.recipe[1:]],
+        Path(args.out) if args.out else None,
+        args.image_root,
+        args.root,
+        args.decode,
+    )
+
+
+def _cmd_data_shard(args: argparse.Namespace) -> None:
+    from llava_ndino.data.shards import hf_items, llava_items, write_shards
+
+    source = Path(args.input)
+    if source.is_dir():
+        items = hf_items(source)
+    else:
+        items = llava_items(source, Path(args.image_root) if args.image_root else None)
+    index = write_shards(items, Path(args.out), args.samples_per_shard, source=str(source))
+    print(f"{index['samples']} samples in {len(index['shards'])} shards -> {args.out}/index.json")
+    for sample_id, why in index["dropped"].items():
+        print(f"dropped {sample_id}: {why}")
+
+
+def _cmd_data_translate(args: argparse.Namespace) -> None:
+    from llava_ndino.data.translate import ArgosTranslator, MadladTranslator, translate_file
+
+    if args.backend == "madlad":
+        translator = MadladTranslator.from_pretrained(
+            args.model, args.device, args.dtype, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams
+        )
+    else:
+        translator = ArgosTranslator(args.source_lang, "it")
+    counts = translate_file(Path(args.input), Path(args.output), translator, args.batch_size)
+    print(f"{counts['translated']} translated, {counts['skipped_done']} already done -> {args.output}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--out", required=True, help="output directory")
     tiny.add_argument("--image-size", type=int, default=336, help="vision tile size in pixels (default 336)")
     tiny.add_argument("--seed", type=int, default=0, help="random seed for the weights (default 0)")
+    tiny.add_argument(
+        "--text-data",
+        action="store_true",
+        help="also write small synthetic Italian JSONL sets to OUT/text/ for the text recipes "
+        "(text, heldout, instructions, chat, preferences)",
+    )
     tiny.set_defaults(func=_cmd_tiny)
 
     asm = sub.add_parser(
@@ -225,13 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser(
         "export",
-        help="export a run or checkpoint as an HF LlavaNext folder that transformers 4.x and 5.x load",
+        help="export a run or checkpoint as an HF folder (LlavaNext; causal LM or PEFT adapter for text runs)",
         description="Write the latest checkpoint of a run directory (or the given checkpoint directory, or an\n"
         "HF LlavaNext folder) as a self-contained HF LlavaNext folder: weights in the original LLaVA-NeXT\n"
         "key layout, processor, tokenizer, chat template, and a generation config that stops on <|eot_id|>.\n"
-        "Plain transformers 4.x and 5.x load it with LlavaNextForConditionalGeneration and AutoProcessor.",
+        "Plain transformers 4.x and 5.x load it with LlavaNextForConditionalGeneration and AutoProcessor.\n"
+        "Text runs (objective clm, sft or dpo) give a merged HF causal-LM folder (AutoModelForCausalLM,\n"
+        "AutoTokenizer with the recipe's chat template), or with --adapter a PEFT adapter folder\n"
+        "(peft.PeftModel.from_pretrained on the base model.llm).",
         epilog="examples:\n  ndino export runs/long_it --out release/LLaVA-NDiNO_long --dtype bfloat16\n"
-        "  ndino export runs/long_it/checkpoints/step_500 --out release/step_500",
+        "  ndino export runs/long_it/checkpoints/step_500 --out release/step_500\n"
+        "  ndino export runs/anita_sft --out release/anita_sft_merged --dtype bfloat16\n"
+        "  ndino export runs/anita_sft --adapter --out release/anita_sft_adapter",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     export.add_argument(
@@ -244,7 +312,91 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="weight dtype (default: as stored)",
     )
-    export.set_defaults(func=_cmd_export)
+    export.add_argument(
+        "--adapter",
+        action="store_true",
+        help="text LoRA/QLoRA runs: write the PEFT adapter folder instead of the merged model",
+    )
+    export.set_defaults(func=_cmd_export, parser=export)
+    data = sub.add_parser(
+        "data",
+        help="data sets: list manifests, validate, write webdataset shards, translate to Italian",
+        description="Data at scale: manifests and stage mixtures (data_manifests/), validation before "
+        "training, webdataset shards for streaming, and machine translation of LLaVA conversations.",
+    )
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    data_list = data_sub.add_parser(
+        "list", help="show the data manifests, the stage mixtures, and which data sets are present locally"
+    )
+    data_list.add_argument("--root", help="local data root (default: $NDINO_DATA_ROOT)")
+    data_list.set_defaults(func=_cmd_data_list)
+    validate = data_sub.add_parser(
+        "validate",
+        help="report counts, token lengths vs max_length, rejected samples and image sizes before training",
+        description="Measure every sample as training would encode it (image token counts from image "
+        "headers, without decoding pixels unless --decode) and write summary.json, lengths.png and "
+        "rejected.jsonl.",
+        epilog="examples:\n  ndino data validate data/train.json --recipe long_it --image-root data/images\n"
+        "  ndino data validate llava_instruct_conv_58k_ita --recipe long_it data.max_length=4096",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    validate.add_argument(
+        "target", metavar="PATH_OR_MANIFEST", help="LLaVA JSON/JSONL, shard folder or manifest"
+    )
+    validate.add_argument(
+        "--recipe",
+        required=True,
+        nargs="+",
+        metavar=("NAME", "KEY=VALUE"),
+        help="recipe whose processor, template and limits apply, then its overrides (data.max_length=...)",
+    )
+    validate.add_argument("--image-root", help="folder the image paths are relative to")
+    validate.add_argument("--root", help="local data root for manifest names (default: $NDINO_DATA_ROOT)")
+    validate.add_argument("--out", help="report folder (default runs/validate/NAME)")
+    validate.add_argument(
+        "--decode", action="store_true", help="decode every image fully (finds truncated files)"
+    )
+    validate.set_defaults(func=_cmd_data_validate)
+    shard = data_sub.add_parser(
+        "shard",
+        help="write webdataset tar shards (image bytes + JSON conversation) with an index and checksums",
+        description="Convert a LLaVA JSON/JSONL plus image folder, or an HF datasets folder saved with "
+        "save_to_disk, into deterministic webdataset shards: the same input gives byte-identical shards.",
+        epilog="example: ndino data shard data/train.json shards/train --image-root data/images",
+    )
+    shard.add_argument("input", help="LLaVA JSON/JSONL file or HF datasets folder")
+    shard.add_argument("out", help="output folder (shard-*.tar + index.json)")
+    shard.add_argument(
+        "--image-root", help="folder the image paths are relative to (default: the JSON's folder)"
+    )
+    shard.add_argument(
+        "--samples-per-shard", type=int, default=1000, help="samples per tar file (default 1000)"
+    )
+    shard.set_defaults(func=_cmd_data_shard)
+    translate = data_sub.add_parser(
+        "translate",
+        help="translate LLaVA conversations into Italian (MADLAD-400 or Argos), resumable",
+        description="Translate the turns of a LLaVA JSON/JSONL file into Italian, keeping <image> "
+        "placeholders, line breaks, turns and ids. Writes JSONL record by record; running again skips "
+        "the ids already in OUT.",
+        epilog="example: ndino data translate conv_58k.json conv_58k_ita.jsonl --backend madlad "
+        "--model models/madlad400-3b-mt --device cuda --dtype bfloat16",
+    )
+    translate.add_argument("input", metavar="IN", help="LLaVA JSON/JSONL file (records need an id)")
+    translate.add_argument("output", metavar="OUT", help="output JSONL file (appended; resumable)")
+    translate.add_argument("--backend", choices=["madlad", "argos"], default="madlad", help="default madlad")
+    translate.add_argument(
+        "--model",
+        default="google/madlad400-3b-mt",
+        help="madlad: local model folder (default: the HF id, from cache)",
+    )
+    translate.add_argument("--batch-size", type=int, default=16, help="records per backend call (default 16)")
+    translate.add_argument("--device", default="cpu", help="madlad: torch device (default cpu)")
+    translate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    translate.add_argument("--max-new-tokens", type=int, default=256, help="madlad: longest translated line")
+    translate.add_argument("--num-beams", type=int, default=1, help="madlad: beam size (default 1, greedy)")
+    translate.add_argument("--source-lang", default="en", help="argos: source language code (default en)")
+    translate.set_defaults(func=_cmd_data_translate)
     return parser
 
 

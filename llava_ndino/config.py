@@ -36,7 +36,7 @@ class ModelConfig:
     """Which model to build and where its weights come from."""
 
     source: str = "components"
-    """How to build the model: components (vision + llm folders), llava (an HF LlavaNext folder) or tiny (a tiny random VLM built in code, for the demo)."""
+    """How to build the model: components (vision + llm folders), llava (an HF LlavaNext folder), tiny (a tiny random VLM built in code, for the demo) or causal_lm (the text-only causal LM at model.llm, for objectives clm, sft and dpo)."""
     vision: str | None = None
     """Vision tower: an HF CLIPVisionModel folder, or openclip:NAME_OR_DIR[:WEIGHTS]."""
     llm: str | None = None
@@ -66,7 +66,7 @@ class DataConfig:
     """What to train on."""
 
     path: str | None = None
-    """Training conversations in LLaVA format: a JSON list or a JSONL file."""
+    """Training data: LLaVA conversations (JSON list, JSONL, or a shard folder from `ndino data shard`, streamed) for vlm_sft; JSONL rows {"text"} for clm, {"instruction", "input", "output"} or {"messages"} for sft, {"prompt", "chosen", "rejected"} for dpo."""
     image_root: str | None = None
     """Folder that the image paths in the data are relative to."""
     template: str = "llama3"
@@ -85,6 +85,24 @@ class DataConfig:
     """Number of synthetic evaluation samples."""
     synthetic_image_size: int = 160
     """Side of the synthetic images in pixels."""
+    isolate_documents: bool = False
+    """clm: keep attention inside each document of a packed block (positions restart per document); false lets attention cross the eos between documents, as plain concatenation does."""
+    max_pixels: int = 64_000_000
+    """Images with more pixels than this are skipped as decompression bombs (reason image_too_large)."""
+    group_by_length: bool = False
+    """Sample batches of one modality (image or text-only) and similar token length, to cut padding."""
+    group_window: int = 64
+    """data.group_by_length: batches per window whose samples are sorted by length before batching."""
+    packing: bool = False
+    """Pack each micro-batch's samples into one row with attention isolated per sample (no padding)."""
+    pack_length: int = 0
+    """data.packing: most tokens per packed row (0: the whole micro-batch in one row)."""
+    mixture: str | None = None
+    """Train on a stage mixture of data_manifests/ (e.g. short_it) instead of data.path; see `ndino data list`."""
+    root: str | None = None
+    """Local folder holding the manifests' data sets (null: the NDINO_DATA_ROOT environment variable)."""
+    shuffle_buffer: int = 1000
+    """Streaming from shards: samples held in the shuffle buffer of each loader worker."""
 
 
 @dataclass
@@ -105,6 +123,8 @@ class TrainConfig:
     """Peak learning rate of the projector (null: train.lr)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    optimizer: str = "adamw"
+    """adamw (torch), adamw_8bit or paged_adamw_8bit (bitsandbytes; paged falls back to unpaged on CPU)."""
     warmup_ratio: float = 0.03
     """Fraction of train.max_steps over which the learning rate warms up."""
     schedule: str = "cosine"
@@ -112,7 +132,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient-norm clipping threshold."""
     trainable: list[str] = field(default_factory=lambda: ["projector", "newline"])
-    """Parts of the model to train (newline: the image-newline embedding)."""
+    """Parts of the model to train (newline: the image-newline embedding); text objectives train every weight, or only the adapters with lora.enabled."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     log_every: int = 10
@@ -121,8 +141,38 @@ class TrainConfig:
     """Save a checkpoint every N optimizer steps."""
     keep_last: int = 3
     """Number of most recent checkpoints to keep."""
-    eval_every: int = 0
-    """Evaluate every N optimizer steps (0: never)."""
+    cpu_threads: int = 0
+    """Threads torch uses on CPU (0 keeps torch's default); 1 is fastest for tiny models."""
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (LoRA, and QLoRA with quantize=4bit) for the text objectives."""
+
+    enabled: bool = False
+    """Train LoRA adapters on a frozen base model instead of every weight."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: float = 32.0
+    """Scaling numerator: adapters are scaled by alpha / r (alpha / sqrt(r) with use_rslora)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names that get adapters (e.g. [q_proj, v_proj]), or [all-linear] for every linear layer but the output head."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale by alpha / sqrt(r)."""
+    quantize: str = "none"
+    """Frozen base precision: none, or 4bit for QLoRA (bitsandbytes NF4, double quantisation, bf16 compute)."""
+
+
+@dataclass
+class DpoConfig:
+    """Direct preference optimisation (objective dpo)."""
+
+    beta: float = 0.1
+    """Strength of the implicit KL penalty towards the reference model."""
+    max_prompt_length: int = 512
+    """Prompts longer than this many tokens keep their last tokens; data.max_length caps prompt + answer."""
 
 
 @dataclass
@@ -142,7 +192,7 @@ class RunConfig:
     seed: int = 0
     """Random seed."""
     objective: str = "vlm_sft"
-    """What to train: vlm_sft (image + conversation, loss on the answers)."""
+    """What to train: vlm_sft (image + conversation, loss on the answers), clm (packed raw text), sft (text instructions/chats, loss on the answers) or dpo (preference pairs, sigmoid DPO loss)."""
     engine: str = "single"
     """How the loop runs: single (one process) or ddp (DistributedDataParallel; chosen automatically under torchrun with several processes)."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -151,10 +201,15 @@ class RunConfig:
     """Training data."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation and checkpointing."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Adapters for text objectives."""
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    """Preference optimisation settings."""
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "model.source": ("components", "llava", "tiny"),
+    "model.source": ("components", "llava", "tiny", "causal_lm"),
+    "objective": ("vlm_sft", "clm", "sft", "dpo"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "data.template": tuple(TEMPLATES),
@@ -162,6 +217,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.synthetic": ("shapes",),
     "train.schedule": ("cosine", "linear", "constant"),
     "train.trainable": ("projector", "vision", "llm", "newline"),
+    "train.optimizer": ("adamw", "adamw_8bit", "paged_adamw_8bit"),
+    "lora.quantize": ("none", "4bit"),
 }
 """Allowed values of enumerated keys; a list key takes any of them, an optional key also null."""
 
@@ -171,6 +228,13 @@ _RANGES: dict[str, tuple[float, float | None]] = {
     "train.grad_accum": (1, None),
     "train.warmup_ratio": (0, 1),
     "data.max_skip_ratio": (0, 1),
+    "lora.r": (1, None),
+    "lora.dropout": (0, 1),
+    "dpo.beta": (0, None),
+    "dpo.max_prompt_length": (1, None),
+    "data.max_pixels": (1, None),
+    "data.group_window": (1, None),
+    "data.shuffle_buffer": (1, None),
 }
 """Inclusive (low, high) bounds of numeric keys; high None means unbounded."""
 

@@ -64,7 +64,8 @@ def _llava_messages(turns: list, sample_id: str) -> list[Message]:
     return messages
 
 
-def _openai_messages(turns: list, sample_id: str) -> list[Message]:
+def openai_messages(turns: list, sample_id: str) -> list[Message]:
+    """Parse OpenAI-style ``{"role", "content"}`` turns; raises :class:`SampleError` naming the turn."""
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
@@ -96,7 +97,7 @@ def parse_sample(sample: dict, index: int = 0) -> Conversation:
     if isinstance(sample.get("conversations"), list):
         messages = _llava_messages(sample["conversations"], sample_id)
     elif isinstance(sample.get("messages"), list):
-        messages = _openai_messages(sample["messages"], sample_id)
+        messages = openai_messages(sample["messages"], sample_id)
     else:
         raise SampleError(
             sample_id, "malformed", "needs a 'conversations' (LLaVA) or 'messages' (OpenAI) list"

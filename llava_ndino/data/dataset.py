@@ -15,10 +15,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
+from tqdm import tqdm
 
 from llava_ndino.data.conversation import SampleError
 from llava_ndino.data.encode import ConversationEncoder, EncodedSample, collate
-from llava_ndino.data.shapes import make_sample, to_llava_record
+from llava_ndino.data.lengths import LengthEstimator, Measure
+from llava_ndino.data.packing import pack
+from llava_ndino.data.shapes import make_dialogue, make_sample, to_llava_record
 
 
 def read_records(path: Path) -> list[dict]:
@@ -72,15 +75,19 @@ class JsonRecords(RecordSource):
 
 
 class ShapesRecords(RecordSource):
-    """The synthetic Italian shapes set, generated on the fly from (seed, index)."""
+    """The synthetic Italian shapes set, generated on the fly from (seed, index): single questions, or
+    multi-turn dialogues (the training form)."""
 
-    def __init__(self, count: int, seed: int, image_size: int):
-        self.count, self.seed, self.image_size = count, seed, image_size
+    def __init__(self, count: int, seed: int, image_size: int, dialogues: bool = False):
+        self.count, self.seed, self.image_size, self.dialogues = count, seed, image_size, dialogues
 
     def __len__(self) -> int:
         return self.count
 
     def get(self, index: int) -> tuple[dict, list[Image.Image]]:
+        if self.dialogues:
+            record, image = make_dialogue(index, self.seed, self.image_size, self.image_size)
+            return record, [image]
         sample = make_sample(index, self.seed, self.image_size, self.image_size)
         return to_llava_record(sample, f"{sample.id}.png"), [sample.image]
 
@@ -94,6 +101,22 @@ class Skipped:
     message: str
 
 
+def encode_or_skip(
+    encoder: ConversationEncoder, record: dict, index: int, images=None
+) -> EncodedSample | Skipped:
+    """Encode one sample, turning any failure into :class:`Skipped` (a bad sample never ends a run;
+    ``data.max_skip_ratio`` bounds how many may fail)."""
+    try:
+        return encoder.encode(record, index, images=images)
+    except SampleError as err:
+        return Skipped(err.sample_id, err.reason, str(err))
+    except Exception as err:  # noqa: BLE001 - unexpected decoder/processor failures are skipped and listed too
+        sample_id = str(record.get("id", f"#{index}")) if isinstance(record, dict) else f"#{index}"
+        return Skipped(
+            sample_id, "encode_error", f"sample {sample_id!r}: encoding failed ({type(err).__name__}: {err})"
+        )
+
+
 class EncodedDataset(Dataset):
     """Encodes samples inside loader workers; bad samples come back as :class:`Skipped`."""
 
@@ -105,10 +128,15 @@ class EncodedDataset(Dataset):
 
     def __getitem__(self, index: int) -> EncodedSample | Skipped:
         record, images = self.source.get(index)
-        try:
-            return self.encoder.encode(record, index, images=images)
-        except SampleError as err:
-            return Skipped(err.sample_id, err.reason, str(err))
+        return encode_or_skip(self.encoder, record, index, images)
+
+    def measures(self, estimator: LengthEstimator) -> list[Measure]:
+        """Token length and modality of every sample, from image headers (for length grouping)."""
+        out = []
+        for index in tqdm(range(len(self)), desc="measure lengths", unit="sample", mininterval=2):
+            record, images = self.source.get(index)
+            out.append(estimator.measure(record, index, images=images))
+        return out
 
 
 class ResumableSampler(Sampler[int]):
@@ -160,12 +188,16 @@ class Batch:
 
 
 class Collator:
-    """Pads good samples into a batch and carries the skipped ones for counting."""
+    """Pads (or, with ``packing``, packs) good samples into a batch and carries the skipped ones."""
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    def __init__(self, pad_token_id: int, packing: bool = False, pack_length: int = 0):
+        self.pad_token_id, self.packing, self.pack_length = pad_token_id, packing, pack_length
 
     def __call__(self, items: list[EncodedSample | Skipped]) -> Batch:
         good = [i for i in items if isinstance(i, EncodedSample)]
         skipped = [i for i in items if isinstance(i, Skipped)]
-        return Batch(collate(good, self.pad_token_id) if good else {}, len(items), skipped)
+        if not good:
+            return Batch({}, len(items), skipped)
+        if self.packing:
+            return Batch(pack(good, self.pad_token_id, self.pack_length), len(items), skipped)
+        return Batch(collate(good, self.pad_token_id), len(items), skipped)

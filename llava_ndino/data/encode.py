@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import LlavaNextProcessor
 
 from llava_ndino.data.conversation import SampleError, parse_sample
-from llava_ndino.data.images import DEFAULT_MAX_PIXELS, load_image
+from llava_ndino.data.images import DEFAULT_MAX_PIXELS, ImageBytes, load_image
 from llava_ndino.data.templates import IMAGE_PLACEHOLDER, Template, get_template
 
 IGNORE_INDEX = -100
@@ -55,8 +55,11 @@ class ConversationEncoder:
         root = self.image_root or Path(".")
         return [load_image(root / ref, sample_id, self.max_pixels) for ref in refs]
 
-    def encode(self, sample: dict, index: int = 0, images: list[Image.Image] | None = None) -> EncodedSample:
-        """Encode one raw sample; ``images`` overrides loading from disk (e.g. synthetic data).
+    def encode(
+        self, sample: dict, index: int = 0, images: list[Image.Image | ImageBytes] | None = None
+    ) -> EncodedSample:
+        """Encode one raw sample; ``images`` (PIL images or encoded bytes, e.g. from shards) override
+        loading from disk.
 
         Raises :class:`SampleError` for malformed samples and for samples whose truncation to
         ``max_length`` would cut into (or drop) image tokens.
@@ -67,6 +70,10 @@ class ConversationEncoder:
             images = self.load_images(conversation.images, sample_id)
         elif len(images) != len(conversation.images):
             raise SampleError(sample_id, "image_count_mismatch", f"{len(images)} images given for the sample")
+        else:
+            images = [
+                load_image(i, sample_id, self.max_pixels) if isinstance(i, ImageBytes) else i for i in images
+            ]
         segments = self.template.render(conversation.messages)
         text = "".join(s.text for s in segments)
         enc = self.processor(
@@ -121,11 +128,18 @@ class ConversationEncoder:
             if segment.train:
                 spans.append((cursor, end))
             cursor = end
-        starts = offsets[:, 0]
-        trained = torch.zeros_like(input_ids, dtype=torch.bool)
-        for start, end in spans:
-            trained |= (starts >= start) & (starts < end)
-        return torch.where(trained, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+        return labels_in_spans(input_ids, offsets, spans)
+
+
+def labels_in_spans(
+    input_ids: torch.Tensor, offsets: torch.Tensor, spans: list[tuple[int, int]]
+) -> torch.Tensor:
+    """Labels for the tokens whose first character (``offsets[:, 0]``) lies in a ``[start, end)`` span; -100 elsewhere."""
+    starts = offsets[:, 0]
+    trained = torch.zeros_like(input_ids, dtype=torch.bool)
+    for start, end in spans:
+        trained |= (starts >= start) & (starts < end)
+    return torch.where(trained, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
 
 
 def _image_run_lengths(input_ids: torch.Tensor, image_token_id: int) -> list[int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +31,29 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: Path, sample_id: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open ``path`` as an upright RGB image, or raise :class:`SampleError` naming the sample and file."""
-    path = Path(path)
-    if not path.is_file():
-        raise SampleError(sample_id, "missing_image", f"image {path} does not exist; check data.image_root")
+@dataclass(frozen=True)
+class ImageBytes:
+    """An encoded image held in memory (e.g. read from a shard), named for error messages."""
+
+    name: str
+    data: bytes
+
+    def open(self) -> Image.Image:
+        """Open lazily with PIL (only the header is read until pixels are needed)."""
+        return Image.open(io.BytesIO(self.data))
+
+
+def load_image(path: Path | ImageBytes, sample_id: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open ``path`` (a file or :class:`ImageBytes`) as an upright RGB image, or raise
+    :class:`SampleError` naming the sample and file."""
+    if not isinstance(path, ImageBytes):
+        path = Path(path)
+        if not path.is_file():
+            raise SampleError(
+                sample_id, "missing_image", f"image {path} does not exist; check data.image_root"
+            )
     try:
-        with Image.open(path) as image:
+        with path.open() if isinstance(path, ImageBytes) else Image.open(path) as image:
             width, height = image.size
             if width * height > max_pixels:
                 raise SampleError(

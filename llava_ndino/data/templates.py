@@ -43,6 +43,8 @@ class Template:
     generation_prompt: Callable[[list[Message]], str]
     chat_template: str
     stop_token: str
+    added_tokens: tuple[str, ...] = ()
+    """Special tokens the rendered text uses; text tasks add the ones a tokenizer lacks."""
 
 
 def content_to_text(content: str | list[dict]) -> str:
@@ -94,6 +96,89 @@ def _plain_generation_prompt(messages: list[Message]) -> str:
     return "".join(s.text for s in _plain_render(messages))
 
 
+# LLaMA-2's sentence markers; LLaMA-2 tokenizers have them, text tasks add them to others.
+LLAMA2_BOS, LLAMA2_EOS = "<s>", "</s>"
+# LLaMAntino-2 chat models: the Italian rendering of LLaMA-2's default system prompt (model cards of
+# swap-uniba/LLaMAntino-2-chat-*-UltraChat-ITA).
+LLAMANTINO2_SYSTEM_PROMPT = (
+    "Sei un assistente disponibile, rispettoso e onesto. Rispondi sempre nel modo piu' utile possibile, "
+    "pur essendo sicuro. Le risposte non devono includere contenuti dannosi, non etici, razzisti, sessisti, "
+    "tossici, pericolosi o illegali. Assicurati che le tue risposte siano socialmente imparziali e positive. "
+    "Se una domanda non ha senso o non e' coerente con i fatti, spiegane il motivo invece di rispondere in "
+    "modo non corretto. Se non conosci la risposta a una domanda, non condividere informazioni false."
+)
+# LLaMAntino-2 instruction models (dolly-ITA, EVALITA): the Italian Alpaca preamble.
+ALPACA_IT_PREAMBLE = (
+    "Di seguito è riportata un'istruzione che descrive un'attività, abbinata ad un input che fornisce "
+    "ulteriore informazione. Scrivi una risposta che soddisfi adeguatamente la richiesta."
+)
+# LLaMAntino-3-ANITA's system prompt, as its model card writes it (including "un an").
+ANITA_SYSTEM_PROMPT = (
+    "Sei un an assistente AI per la lingua Italiana di nome LLaMAntino-3 ANITA "
+    "(Advanced Natural-based interaction for the ITAlian language). "
+    "Rispondi nella lingua usata per la domanda in modo chiaro, semplice ed esaustivo."
+)
+
+
+def _split_system(messages: list[Message], default: str) -> tuple[str, list[Message]]:
+    """The sample's system prompt (or ``default``) and the remaining messages."""
+    if messages and messages[0].role == "system":
+        return messages[0].content.strip(), messages[1:]
+    return default, messages
+
+
+def _llama2_render(messages: list[Message]) -> list[Segment]:
+    system, rest = _split_system(messages, LLAMANTINO2_SYSTEM_PROMPT)
+    segments, first = [], True
+    for message in rest:
+        body = message.content.strip()
+        if message.role == "user":
+            prefix = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if first else ""
+            segments.append(Segment(f"{LLAMA2_BOS}[INST] {prefix}{body} [/INST]", False))
+            first = False
+        elif message.role == "assistant":
+            segments.append(Segment(f" {body} {LLAMA2_EOS}", True))
+    return segments
+
+
+def _llama2_generation_prompt(messages: list[Message]) -> str:
+    return "".join(s.text for s in _llama2_render(messages))
+
+
+def _alpaca_render(messages: list[Message]) -> list[Segment]:
+    preamble, rest = _split_system(messages, ALPACA_IT_PREAMBLE)
+    segments, previous = [Segment(LLAMA2_BOS + preamble, False)], ""
+    for message in rest:
+        body = message.content.strip()
+        if message.role == "user":
+            heading = "Input" if previous == "user" else "Istruzione"
+            segments.append(Segment(f"\n\n### {heading}:\n{body}", False))
+        elif message.role == "assistant":
+            segments += [Segment("\n\n### Risposta:\n", False), Segment(body + LLAMA2_EOS, True)]
+        previous = message.role
+    return segments
+
+
+def _alpaca_generation_prompt(messages: list[Message]) -> str:
+    return "".join(s.text for s in _alpaca_render(messages)) + "\n\n### Risposta:\n"
+
+
+def _with_system(render: Callable[[list[Message]], list[Segment]], default: str):
+    """``render`` with ``default`` as the system message when the sample has none."""
+
+    def rendered(messages: list[Message]) -> list[Segment]:
+        if messages and messages[0].role == "system":
+            return render(messages)
+        return render([Message("system", default), *messages])
+
+    return rendered
+
+
+def _anita_generation_prompt(messages: list[Message]) -> str:
+    segments = _with_system(_llama3_render, ANITA_SYSTEM_PROMPT)(messages)
+    return "".join(s.text for s in segments) + f"{START_HEADER}assistant{END_HEADER}\n\n"
+
+
 # Meta's LLaMA-3 template, extended to transformers' list-of-items content (images render as
 # "<image>\n", texts as themselves) so that processor.apply_chat_template accepts both forms.
 _FLATTEN_CONTENT = (
@@ -119,6 +204,43 @@ PLAIN_TEMPLATE = (
     "{% endif %}{% endfor %}"
 )
 
+_SYSTEM_OR_DEFAULT = (
+    "{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] | trim %}"
+    "{% set loop_messages = messages[1:] %}{% else %}{% set system = default_system %}"
+    "{% set loop_messages = messages %}{% endif %}"
+)
+LLAMA2_IT_CHAT_TEMPLATE = (
+    '{% set default_system = "'
+    + LLAMANTINO2_SYSTEM_PROMPT
+    + '" %}'
+    + _SYSTEM_OR_DEFAULT
+    + "{% set ns = namespace(first=true) %}{% for message in loop_messages %}"
+    "{% if message['role'] == 'user' %}{{ '<s>[INST] ' }}"
+    "{% if ns.first %}{{ '<<SYS>>\n' + system + '\n<</SYS>>\n\n' }}{% set ns.first = false %}{% endif %}"
+    "{{ message['content'] | trim + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] | trim + ' </s>' }}{% endif %}"
+    "{% endfor %}"
+)
+ALPACA_IT_TEMPLATE = (
+    '{% set default_system = "'
+    + ALPACA_IT_PREAMBLE
+    + '" %}'
+    + _SYSTEM_OR_DEFAULT
+    + "{{ '<s>' + system }}{% set ns = namespace(previous='') %}{% for message in loop_messages %}"
+    "{% if message['role'] == 'user' %}"
+    "{% if ns.previous == 'user' %}{{ '\n\n### Input:\n' }}{% else %}{{ '\n\n### Istruzione:\n' }}{% endif %}"
+    "{{ message['content'] | trim }}"
+    "{% elif message['role'] == 'assistant' %}{{ '\n\n### Risposta:\n' + message['content'] | trim + '</s>' }}"
+    "{% endif %}{% set ns.previous = message['role'] %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\n\n### Risposta:\n' }}{% endif %}"
+)
+LLAMA3_ANITA_TEMPLATE = (
+    '{% set default_system = "' + ANITA_SYSTEM_PROMPT + '" %}'
+    "{% if not messages or messages[0]['role'] != 'system' %}"
+    "{% set messages = [{'role': 'system', 'content': default_system}] + messages %}{% endif %}"
+    + LLAMA3_MULTIMODAL_TEMPLATE
+)
+
 TEMPLATES: dict[str, Template] = {
     "llama3": Template(
         name="llama3",
@@ -135,6 +257,32 @@ TEMPLATES: dict[str, Template] = {
         generation_prompt=_plain_generation_prompt,
         chat_template=PLAIN_TEMPLATE,
         stop_token=END_OF_TEXT,
+    ),
+    "llama2-it-chat": Template(
+        name="llama2-it-chat",
+        description="LLaMAntino-2 chat: LLaMA-2 [INST] <<SYS>> with the Italian system prompt",
+        render=_llama2_render,
+        generation_prompt=_llama2_generation_prompt,
+        chat_template=LLAMA2_IT_CHAT_TEMPLATE,
+        stop_token=LLAMA2_EOS,
+        added_tokens=(LLAMA2_BOS, LLAMA2_EOS),
+    ),
+    "alpaca-it": Template(
+        name="alpaca-it",
+        description="LLaMAntino-2 instruction models: ### Istruzione: / ### Input: / ### Risposta:",
+        render=_alpaca_render,
+        generation_prompt=_alpaca_generation_prompt,
+        chat_template=ALPACA_IT_TEMPLATE,
+        stop_token=LLAMA2_EOS,
+        added_tokens=(LLAMA2_BOS, LLAMA2_EOS),
+    ),
+    "llama3-anita": Template(
+        name="llama3-anita",
+        description="LLaMAntino-3-ANITA: LLaMA-3 chat with ANITA's Italian system prompt by default",
+        render=_with_system(_llama3_render, ANITA_SYSTEM_PROMPT),
+        generation_prompt=_anita_generation_prompt,
+        chat_template=LLAMA3_ANITA_TEMPLATE,
+        stop_token=EOT,
     ),
 }
 

@@ -116,8 +116,26 @@ def load_vision_tower(spec: str, options: LoadOptions) -> tuple[CLIPVisionModel,
 def add_vlm_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
     """Add ``<image>`` and a dedicated pad token (never id 0, never an eos/bos)."""
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    ensure_pad_token(tokenizer)
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, reuse: tuple[str, ...] = ()) -> None:
+    """Give ``tokenizer`` a pad token that is never id 0, eos or bos (pad = eos would mask eos out of the loss).
+
+    The first special token of ``reuse`` that the tokenizer already has becomes the pad (no new
+    embedding row); otherwise ``<pad>`` is added.
+    """
     forbidden = {0, tokenizer.eos_token_id, tokenizer.bos_token_id}
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id in forbidden:
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in forbidden:
+        return
+    special = set(tokenizer.all_special_tokens) | {
+        t.content for t in tokenizer.added_tokens_decoder.values() if t.special
+    }
+    vocab = tokenizer.get_vocab()
+    usable = [t for t in reuse if t in special and vocab.get(t) not in forbidden]
+    if usable:
+        tokenizer.pad_token = usable[0]
+    else:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     assert tokenizer.pad_token_id not in forbidden
 

@@ -269,6 +269,15 @@ def load_checkpoint(ckpt_dir: Path, map_location: str | torch.device = "cpu") ->
     )
 
 
+def load_model_weights(ckpt_dir: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load only the model state of a complete checkpoint (no optimizer state), e.g. for export."""
+    ckpt_dir = Path(ckpt_dir)
+    problem = _problem(ckpt_dir)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is unusable: {problem}")
+    return _load_model_state(ckpt_dir / MODEL_FILE, str(torch.device(map_location)))
+
+
 class TerminationFlag:
     """Records SIGTERM/SIGINT so the training loop can save a checkpoint and exit 0.
 

@@ -31,6 +31,7 @@ from llava_ndino.train.checkpoint import (
 )
 from llava_ndino.train.engine import Engine, init_distributed, make_engine
 from llava_ndino.train.metrics import MetricsLogger, peak_flops
+from llava_ndino.train.optim import make_optimizer
 from llava_ndino.train.tasks import Task, make_task
 
 log = logging.getLogger(__name__)
@@ -107,9 +108,13 @@ def train(cfg: RunConfig) -> TrainResult:
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = _setup_logging(run_dir, rank == 0)
+    threads = torch.get_num_threads()
+    if cfg.train.cpu_threads > 0:
+        torch.set_num_threads(cfg.train.cpu_threads)
     try:
         return _train(cfg, run_dir, rank, local_rank, world_size)
     finally:
+        torch.set_num_threads(threads)
         if handler is not None:
             logging.getLogger("llava_ndino").removeHandler(handler)
             handler.close()
@@ -125,7 +130,7 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size
         task.save_skeleton(run_dir)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(task.param_groups(), betas=(0.9, 0.999), eps=1e-8)
+    optimizer = make_optimizer(cfg.train.optimizer, task.param_groups())
     scheduler = get_scheduler(
         "constant_with_warmup" if cfg.train.schedule == "constant" else cfg.train.schedule,
         optimizer,
@@ -166,6 +171,8 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size
         collate_fn=task.collator(),
         num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0,
+        # its own generator: starting the loader must not draw from the restored global RNG
+        generator=torch.Generator().manual_seed(cfg.seed + rank),
     )
     metrics = MetricsLogger(run_dir, enabled=engine.is_main)
     termination = install_termination_handler()
@@ -220,7 +227,9 @@ class Window:
     def add_batch(self, batch: dict[str, torch.Tensor], flops: float) -> None:
         """Count a micro-batch's real tokens, padded size, samples and FLOPs."""
         mask = batch["attention_mask"]
-        self.sums.update(tokens=int(mask.sum()), padded=mask.numel(), samples=mask.shape[0], flops=flops)
+        packed = batch.get("position_ids")
+        samples = int((packed == 0).sum()) if packed is not None else mask.shape[0]
+        self.sums.update(tokens=int(mask.sum()), padded=mask.numel(), samples=samples, flops=flops)
 
     def values(self, engine: Engine) -> dict[str, float]:
         """Reduced per-second rates, the mean loss per target and the mean of every task statistic."""

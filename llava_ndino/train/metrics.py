@@ -7,6 +7,7 @@ the tower trains. MFU divides by the chip's dense bf16 peak; on CPU it is not re
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -30,17 +31,32 @@ def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def lm_flops(
+    lm_params: int, text_cfg, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> float:
+    """Forward + backward FLOPs of a language model with ``lm_params`` non-embedding parameters over a batch.
+
+    Attention counts each token against its row length, or, for packed rows (``position_ids``
+    restarting at 0 per sample), against its own sample's length.
+    """
+    tokens = int(attention_mask.sum())
+    head_dim = text_cfg.hidden_size // text_cfg.num_attention_heads
+    per_pair = 12 * text_cfg.num_hidden_layers * text_cfg.num_attention_heads * head_dim
+    if position_ids is None:
+        attended = tokens * attention_mask.shape[1]
+    else:
+        starts = (position_ids.flatten() == 0).nonzero().flatten().tolist() + [position_ids.numel()]
+        attended = sum((end - start) ** 2 for start, end in itertools.pairwise(starts))
+    return float(6 * lm_params * tokens + per_pair * attended)
+
+
 def flops_per_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
     """Model FLOPs of one training micro-batch (forward + backward) of a LlavaNext model."""
     inner = model.model
     text_cfg = model.config.get_text_config()
     lm_params = _count(inner.language_model) - inner.language_model.get_input_embeddings().weight.numel()
     lm_params += _count(model.lm_head)
-    seq = batch["attention_mask"].shape[1]
-    tokens = int(batch["attention_mask"].sum())
-    head_dim = text_cfg.hidden_size // text_cfg.num_attention_heads
-    attention = 12 * text_cfg.num_hidden_layers * text_cfg.num_attention_heads * head_dim * seq
-    flops = tokens * (6 * lm_params + attention)
+    flops = lm_flops(lm_params, text_cfg, batch["attention_mask"], batch.get("position_ids"))
     pixels = batch.get("pixel_values")
     if pixels is not None:
         vcfg = model.config.vision_config

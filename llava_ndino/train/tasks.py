@@ -27,6 +27,12 @@ from llava_ndino.data.dataset import (
     ShapesRecords,
 )
 from llava_ndino.data.encode import IGNORE_INDEX, ConversationEncoder
+from llava_ndino.data.grouping import GroupedSampler, sample_lengths
+from llava_ndino.data.lengths import LengthEstimator
+from llava_ndino.data.mixture import map_style_mixture, mixture_parts
+from llava_ndino.data.packing import model_inputs
+from llava_ndino.data.shards import is_shard_dir
+from llava_ndino.data.streaming import ShardStream
 from llava_ndino.train.metrics import flops_per_step
 from llava_ndino.train.model_setup import apply_trainable, build_model, param_groups, save_skeleton
 
@@ -120,29 +126,78 @@ class VlmSftTask(Task):
         return param_groups(self.model, self.cfg.train)
 
     def source(self, split: str = "train") -> RecordSource:
-        """The record source the recipe asks for (synthetic shapes or a LLaVA JSON file)."""
+        """The record source the recipe asks for (synthetic shapes, a map-style mixture, a LLaVA JSON file)."""
         data = self.cfg.data
         if data.synthetic == "shapes":
             count = data.synthetic_train if split == "train" else data.synthetic_eval
             seed = self.cfg.seed if split == "train" else self.cfg.seed + 1_000_003
-            return ShapesRecords(count, seed, data.synthetic_image_size)
+            return ShapesRecords(count, seed, data.synthetic_image_size, dialogues=split == "train")
+        if data.mixture:
+            return map_style_mixture(mixture_parts(data.mixture, data.root), data.root, self.cfg.seed)
         if not data.path:
-            raise ValueError("set data.path=FILE (LLaVA JSON/JSONL) or data.synthetic=shapes")
+            raise ValueError(
+                "set data.path=FILE (LLaVA JSON/JSONL) or SHARD_DIR, data.mixture=STAGE or data.synthetic=shapes"
+            )
         return JsonRecords(Path(data.path))
 
     def dataset(self, split: str = "train") -> Dataset:
+        """Map-style data, or a :class:`ShardStream` when the data are webdataset shards."""
         data = self.cfg.data
-        encoder = ConversationEncoder(self.processor, data.template, data.max_length, data.image_root)
+        encoder = ConversationEncoder(
+            self.processor, data.template, data.max_length, data.image_root, data.max_pixels
+        )
+        shards = None
+        if data.synthetic is None and data.mixture:
+            parts = mixture_parts(data.mixture, data.root)
+            if all(is_shard_dir(path) for _, _, path in parts):
+                shards = [(path, weight) for _, weight, path in parts]
+        elif data.synthetic is None and data.path and is_shard_dir(Path(data.path)):
+            shards = [(Path(data.path), 1.0)]
+        if shards is not None:
+            batch = self.cfg.train.per_device_batch_size
+            return ShardStream(shards, encoder, self.cfg.seed, batch, data.shuffle_buffer)
         return EncodedDataset(self.source(split), encoder)
 
     def collator(self) -> Callable[[list], Batch]:
-        return Collator(self.processor.tokenizer.pad_token_id)
+        data = self.cfg.data
+        return Collator(self.processor.tokenizer.pad_token_id, data.packing, data.pack_length)
+
+    def sampler(self, dataset: Dataset, start: int, rank: int, world_size: int) -> Sampler[int] | None:
+        """Shuffled, or grouped by modality and length; None for a :class:`ShardStream`, which
+        positions itself (streams shuffle in their buffer and are not length-grouped)."""
+        data = self.cfg.data
+        if isinstance(dataset, ShardStream):
+            dataset.set_position(start, rank, world_size)
+            return None
+        if not data.group_by_length:
+            return super().sampler(dataset, start, rank, world_size)
+        estimator = LengthEstimator(
+            self.processor, data.template, data.max_length, data.image_root, data.max_pixels
+        )
+        key = {
+            "data": data.mixture or data.path or data.synthetic,
+            "template": data.template,
+            "max_length": data.max_length,
+            "samples": len(dataset),
+        }
+        lengths, has_image = sample_lengths(
+            dataset, estimator, Path(self.cfg.output_dir) / "data_lengths.json", key
+        )
+        return GroupedSampler(
+            lengths,
+            has_image,
+            self.cfg.train.per_device_batch_size,
+            self.cfg.seed,
+            start=start,
+            rank=rank,
+            world_size=world_size,
+            window=data.group_window,
+        )
 
     def loss_sum(
         self, module: nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = module(**inputs, use_cache=False).logits
+        logits = module(**model_inputs(batch), use_cache=False).logits
         return token_loss_sum(logits, batch["labels"]), {}
 
     def targets(self, batch: dict[str, torch.Tensor]) -> int:
@@ -153,6 +208,7 @@ class VlmSftTask(Task):
 
 
 TASKS: dict[str, type[Task]] = {VlmSftTask.name: VlmSftTask}
+"""Objective name -> task class; the text tasks (clm, sft, dpo) add themselves when imported below."""
 
 
 def make_task(cfg: RunConfig) -> Task:
@@ -160,3 +216,8 @@ def make_task(cfg: RunConfig) -> Task:
     if cfg.objective not in TASKS:
         raise ValueError(f"unknown objective {cfg.objective!r}; known: {', '.join(sorted(TASKS))}")
     return TASKS[cfg.objective](cfg)
+
+
+# The text tasks subclass Task, so they load last; importing the module (not names from it) keeps
+# either import order working.
+from llava_ndino.train import text_tasks  # noqa: E402, F401

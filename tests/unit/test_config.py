@@ -70,7 +70,8 @@ def test_demo_recipe_values():
     assert cfg.model.source == "tiny"
     assert cfg.data.synthetic == "shapes"
     assert cfg.train.trainable == ["projector", "newline", "llm", "vision"]
-    assert cfg.train.lr == pytest.approx(2e-3)
+    assert cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.data.synthetic_image_size == cfg.model.tiny_tile_size == 112
 
 
 def test_list_recipes_has_demo_with_its_description():
@@ -172,7 +173,7 @@ def test_missing_or_unknown_recipe_lists_the_available_ones(args: list[str]):
 @pytest.mark.parametrize(
     ("token", "value", "allowed"),
     [
-        ("model.source=huge", "'huge'", "components, llava, tiny"),
+        ("model.source=huge", "'huge'", "components, llava, tiny, causal_lm"),
         ("train.trainable=[projector,lora]", "'lora'", "projector, vision, llm, newline"),
         ("train.schedule=step", "'step'", "cosine, linear, constant"),
     ],
@@ -206,7 +207,7 @@ def test_describe_config_documents_every_key():
         doc = text.splitlines()[text.splitlines().index(line) + 1].strip()
         assert doc, f"{key} has no docstring"
     assert "train.max_steps: int = (required)" in text
-    assert "[components|llava|tiny]" in text
+    assert "[components|llava|tiny|causal_lm]" in text
 
 
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: p.stem)

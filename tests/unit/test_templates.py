@@ -146,5 +146,5 @@ def test_encoder_tokenization_equals_whole_string_with_images(processor):
 
 
 def test_unknown_template_lists_known():
-    with pytest.raises(KeyError, match="llama3, plain"):
+    with pytest.raises(KeyError, match="alpaca-it, llama2-it-chat, llama3, llama3-anita, plain"):
         get_template("chatml")

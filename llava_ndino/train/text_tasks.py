@@ -1,0 +1,232 @@
+"""Text-only tasks for the LLaMAntino recipes, trained by the same loop as the VLM stages.
+
+- ``clm``: continued pre-training on raw text packed into blocks of ``data.max_length`` tokens;
+- ``sft``: instruction/chat tuning with loss on the answers, as the template marks them;
+- ``dpo``: the sigmoid DPO loss with ``dpo.beta``. The reference is the base model with the
+  adapters disabled for LoRA/QLoRA runs, and a frozen copy of the base for full fine-tuning.
+
+Each can train every weight or, with ``lora.enabled``, LoRA adapters on a frozen (optionally NF4)
+base; adapter runs checkpoint only the adapter weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from llava_ndino.data.dataset import Batch, Collator, EncodedDataset, JsonRecords, read_records
+from llava_ndino.data.encode import IGNORE_INDEX
+from llava_ndino.data.packing import model_inputs
+from llava_ndino.data.templates import get_template
+from llava_ndino.data.text import (
+    PackedCollator,
+    PackedText,
+    PreferenceCollator,
+    PreferenceEncoder,
+    SftEncoder,
+)
+from llava_ndino.model.peft_setup import add_lora, load_causal_lm
+from llava_ndino.model.tiny import mark_tokenizer_portable
+from llava_ndino.train.metrics import lm_flops
+from llava_ndino.train.model_setup import SKELETON_DIR
+from llava_ndino.train.tasks import TASKS, Task, count_label_tokens, token_loss_sum
+
+log = logging.getLogger(__name__)
+
+
+class TextTask(Task):
+    """Shared set-up of the text tasks: the causal LM (full, LoRA or QLoRA), its tokenizer and data path."""
+
+    name = "text"
+
+    def build(self) -> None:
+        lora = self.cfg.lora
+        if self.cfg.model.source != "causal_lm":
+            raise ValueError(
+                f"objective {self.cfg.objective} trains a text model: set model.source=causal_lm"
+            )
+        if lora.quantize == "4bit" and not lora.enabled:
+            raise ValueError(
+                "lora.quantize=4bit trains adapters on the quantised base: set lora.enabled=true"
+            )
+        torch.manual_seed(self.cfg.seed)
+        model, self.tokenizer, self.base_vocab = load_causal_lm(self.cfg, quantize=lora.quantize == "4bit")
+        self.template = get_template(self.cfg.data.template)
+        self.lm_config = model.config
+        self.lm_params = model.num_parameters(exclude_embeddings=True)
+        self.model = add_lora(model, self.cfg) if lora.enabled else model
+        if not lora.enabled:
+            log.info("full fine-tuning of %d parameters", sum(p.numel() for p in model.parameters()))
+
+    def save_skeleton(self, run_dir: Path) -> None:
+        out = Path(run_dir) / SKELETON_DIR
+        out.mkdir(parents=True, exist_ok=True)
+        self.lm_config.save_pretrained(str(out))
+        self.model.generation_config.save_pretrained(str(out))
+        self.tokenizer.save_pretrained(str(out))
+        mark_tokenizer_portable(out)
+        if self.cfg.lora.enabled:
+            self.model.peft_config["default"].save_pretrained(str(out))
+
+    def param_groups(self) -> list[dict]:
+        live = [p for p in self.model.parameters() if p.requires_grad]
+        train = self.cfg.train
+        groups = [
+            {"params": [p for p in live if p.ndim >= 2], "lr": train.lr, "weight_decay": train.weight_decay},
+            {"params": [p for p in live if p.ndim < 2], "lr": train.lr, "weight_decay": 0.0},
+        ]
+        return [g for g in groups if g["params"]]
+
+    def _adapter_names(self) -> set[str]:
+        return {name for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def checkpoint_state(self, model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self.cfg.lora.enabled:
+            return model_state
+        names = self._adapter_names()
+        return {k: v for k, v in model_state.items() if k in names}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        if not self.cfg.lora.enabled:
+            super().load_state(state)
+            return
+        names = self._adapter_names()
+        missing, unexpected = sorted(names - state.keys()), sorted(state.keys() - names)
+        if missing or unexpected:
+            raise ValueError(
+                f"the checkpoint's adapters do not match this model (missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]}): resume with the lora.* settings the run was started with"
+            )
+        self.model.load_state_dict(state, strict=False)
+
+    def data_path(self, split: str) -> Path:
+        """``data.path`` (text objectives have one split, train)."""
+        if split != "train":
+            raise ValueError(f"text objectives read only data.path (split train), not split {split!r}")
+        if not self.cfg.data.path:
+            raise ValueError(f"objective {self.cfg.objective} needs data.path=FILE (JSONL rows)")
+        return Path(self.cfg.data.path)
+
+    def loss_sum(
+        self, module: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = module(**model_inputs(batch), use_cache=False).logits
+        return token_loss_sum(logits, batch["labels"]), {}
+
+    def targets(self, batch: dict[str, torch.Tensor]) -> int:
+        return count_label_tokens(batch)
+
+    def flops(self, batch: dict[str, torch.Tensor]) -> float:
+        return lm_flops(self.lm_params, self.lm_config, batch["attention_mask"])
+
+
+class ClmTask(TextTask):
+    """Continued pre-training: documents joined with eos and cut into fixed-length blocks.
+
+    Attention crosses document boundaries unless ``data.isolate_documents`` is set.
+    """
+
+    name = "clm"
+
+    def dataset(self, split: str = "train") -> Dataset:
+        return PackedText(read_records(self.data_path(split)), self.tokenizer, self.cfg.data.max_length)
+
+    def collator(self) -> Callable[[list], Batch]:
+        return PackedCollator(self.cfg.data.isolate_documents)
+
+
+class SftTask(TextTask):
+    """Instruction/chat tuning with loss on the answers (``data.packing`` packs samples without padding)."""
+
+    name = "sft"
+
+    def dataset(self, split: str = "train") -> Dataset:
+        encoder = SftEncoder(self.tokenizer, self.template, self.cfg.data.max_length)
+        return EncodedDataset(JsonRecords(self.data_path(split)), encoder)
+
+    def collator(self) -> Callable[[list], Batch]:
+        data = self.cfg.data
+        return Collator(self.tokenizer.pad_token_id, data.packing, data.pack_length)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability of each row's labelled tokens (next-token shift, ``-100`` ignored), in fp32."""
+    per_token = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return -per_token.sum(dim=-1)
+
+
+def dpo_loss_sum(
+    policy: torch.Tensor, reference: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Summed sigmoid DPO loss of rows ``[chosen..., rejected...]`` and summed reward statistics."""
+    chosen, rejected = policy.chunk(2)
+    ref_chosen, ref_rejected = reference.chunk(2)
+    chosen_reward = beta * (chosen - ref_chosen)
+    rejected_reward = beta * (rejected - ref_rejected)
+    margin = chosen_reward - rejected_reward
+    stats = {
+        "reward_chosen": float(chosen_reward.detach().sum()),
+        "reward_rejected": float(rejected_reward.detach().sum()),
+        "reward_margin": float(margin.detach().sum()),
+        "reward_accuracy": float((margin.detach() > 0).float().sum()),
+    }
+    return -F.logsigmoid(margin).sum(), stats
+
+
+class DpoTask(TextTask):
+    """Direct preference optimisation on ``{"prompt", "chosen", "rejected"}`` rows; targets are pairs."""
+
+    name = "dpo"
+
+    def build(self) -> None:
+        super().build()
+        self.reference: nn.Module | None = None
+
+    def dataset(self, split: str = "train") -> Dataset:
+        data = self.cfg.data
+        encoder = PreferenceEncoder(
+            self.tokenizer, self.template, data.max_length, self.cfg.dpo.max_prompt_length
+        )
+        return EncodedDataset(JsonRecords(self.data_path(split)), encoder)
+
+    def collator(self) -> Callable[[list], Batch]:
+        return PreferenceCollator(self.tokenizer.pad_token_id)
+
+    def reference_logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of the reference model: the base with adapters disabled, or a frozen copy of the base."""
+        with torch.no_grad():
+            if self.cfg.lora.enabled:
+                with self.model.disable_adapter():
+                    return self.model(**inputs, use_cache=False).logits
+            if self.reference is None:
+                device = inputs["input_ids"].device
+                # loading must not advance the training RNG, or resumed runs would diverge
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    reference, _, _ = load_causal_lm(self.cfg, quantize=False)
+                self.reference = reference.to(device).eval().requires_grad_(False)
+            return self.reference(**inputs, use_cache=False).logits
+
+    def loss_sum(
+        self, module: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        inputs = model_inputs(batch)
+        policy = sequence_logps(module(**inputs, use_cache=False).logits, batch["labels"])
+        reference = sequence_logps(self.reference_logits(inputs), batch["labels"])
+        return dpo_loss_sum(policy, reference, self.cfg.dpo.beta)
+
+    def targets(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    def flops(self, batch: dict[str, torch.Tensor]) -> float:
+        return super().flops(batch) * 4 / 3  # plus the reference forward: 2N of the 6N per token
+
+
+TASKS.update({task.name: task for task in (ClmTask, SftTask, DpoTask)})
