@@ -25,10 +25,27 @@ def test_short_demo_learns_from_the_image(tmp_path: Path, capsys) -> None:
     train_like = generate_samples(2000, seed=cfg.seed, width=32, height=32)
     baseline = majority_baseline(train_like, held_out)
     printed = capsys.readouterr().out
-    assert printed.strip().splitlines()[-1] == f"demo accuracy: {scores['accuracy']:.2f} ({scores['total']} questions)"
+    assert (
+        printed.strip().splitlines()[-1]
+        == f"demo accuracy: {scores['accuracy']:.2f} ({scores['total']} questions)"
+    )
     assert scores["total"] == cfg.data.synthetic_eval
-    assert scores["accuracy"] >= baseline + 0.2, f"accuracy {scores['accuracy']:.2f}, text-only {baseline:.2f}"
+    assert scores["accuracy"] >= baseline + 0.2, (
+        f"accuracy {scores['accuracy']:.2f}, text-only {baseline:.2f}"
+    )
 
-    assert main(["ask", "--model", str(out / "export"), "--image", str(out / "fresh_image.png"), "Quante forme ci sono?"]) == 0
+    assert (
+        main(
+            [
+                "ask",
+                "--model",
+                str(out / "export"),
+                "--image",
+                str(out / "fresh_image.png"),
+                "Quante forme ci sono?",
+            ]
+        )
+        == 0
+    )
     answer = capsys.readouterr().out.strip()
     assert answer in {"una", "due", "tre"}, answer
