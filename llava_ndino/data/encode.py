@@ -166,11 +166,20 @@ def collate(samples: list[EncodedSample], pad_token_id: int) -> dict[str, torch.
         input_ids[row, :n] = sample.input_ids
         labels[row, :n] = sample.labels
         attention_mask[row, :n] = 1
-    out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        **stack_images(samples),
+    }
+
+
+def stack_images(samples: list[EncodedSample]) -> dict[str, torch.Tensor]:
+    """Concatenate the samples' images in order, zero-padding their tile count; empty when there are none."""
     pixels = [s.pixel_values for s in samples if s.pixel_values is not None]
-    if pixels:
-        tiles = max(p.shape[1] for p in pixels)
-        padded = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p in pixels]
-        out["pixel_values"] = torch.cat(padded)
-        out["image_sizes"] = torch.cat([s.image_sizes for s in samples if s.image_sizes is not None])
-    return out
+    if not pixels:
+        return {}
+    tiles = max(p.shape[1] for p in pixels)
+    padded = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p in pixels]
+    sizes = [s.image_sizes for s in samples if s.image_sizes is not None]
+    return {"pixel_values": torch.cat(padded), "image_sizes": torch.cat(sizes)}

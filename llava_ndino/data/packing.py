@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from llava_ndino.data.encode import IGNORE_INDEX, EncodedSample
+from llava_ndino.data.encode import IGNORE_INDEX, EncodedSample, stack_images
 
 
 def plan_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -60,19 +60,13 @@ def pack(samples: list[EncodedSample], pad_token_id: int, capacity: int = 0) -> 
             cursor += n
             ordered.append(sample)
         position_ids[r, cursor:] = torch.arange(width - cursor)
-    out = {
+    return {
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,
         "position_ids": position_ids,
+        **stack_images(ordered),
     }
-    pixels = [s.pixel_values for s in ordered if s.pixel_values is not None]
-    if pixels:
-        tiles = max(p.shape[1] for p in pixels)
-        padded = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p in pixels]
-        out["pixel_values"] = torch.cat(padded)
-        out["image_sizes"] = torch.cat([s.image_sizes for s in ordered if s.image_sizes is not None])
-    return out
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -82,12 +82,16 @@ class Task:
     def loss_sum(
         self, module: nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Summed loss over the batch's targets, plus summed statistics to log (divided by targets)."""
-        raise NotImplementedError
+        """Summed loss over the batch's targets, plus summed statistics to log (divided by targets).
+
+        The default is next-token cross-entropy on the label tokens (every objective but DPO).
+        """
+        logits = module(**model_inputs(batch), use_cache=False).logits
+        return token_loss_sum(logits, batch["labels"]), {}
 
     def targets(self, batch: dict[str, torch.Tensor]) -> int:
-        """How many targets ``loss_sum`` sums over for ``batch``."""
-        raise NotImplementedError
+        """How many targets ``loss_sum`` sums over for ``batch`` (by default, label tokens)."""
+        return count_label_tokens(batch)
 
     def flops(self, batch: dict[str, torch.Tensor]) -> float:
         """Model FLOPs of a forward+backward pass over ``batch`` (for MFU)."""
@@ -193,15 +197,6 @@ class VlmSftTask(Task):
             world_size=world_size,
             window=data.group_window,
         )
-
-    def loss_sum(
-        self, module: nn.Module, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = module(**model_inputs(batch), use_cache=False).logits
-        return token_loss_sum(logits, batch["labels"]), {}
-
-    def targets(self, batch: dict[str, torch.Tensor]) -> int:
-        return count_label_tokens(batch)
 
     def flops(self, batch: dict[str, torch.Tensor]) -> float:
         return flops_per_step(self.model, batch)

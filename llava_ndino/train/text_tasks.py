@@ -35,7 +35,7 @@ from llava_ndino.model.peft_setup import add_lora, load_causal_lm
 from llava_ndino.model.tiny import mark_tokenizer_portable
 from llava_ndino.train.metrics import lm_flops
 from llava_ndino.train.model_setup import SKELETON_DIR
-from llava_ndino.train.tasks import TASKS, Task, count_label_tokens, token_loss_sum
+from llava_ndino.train.tasks import TASKS, Task
 
 log = logging.getLogger(__name__)
 
@@ -112,15 +112,6 @@ class TextTask(Task):
         if not self.cfg.data.path:
             raise ValueError(f"objective {self.cfg.objective} needs data.path=FILE (JSONL rows)")
         return Path(self.cfg.data.path)
-
-    def loss_sum(
-        self, module: nn.Module, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = module(**model_inputs(batch), use_cache=False).logits
-        return token_loss_sum(logits, batch["labels"]), {}
-
-    def targets(self, batch: dict[str, torch.Tensor]) -> int:
-        return count_label_tokens(batch)
 
     def flops(self, batch: dict[str, torch.Tensor]) -> float:
         return lm_flops(self.lm_params, self.lm_config, batch["attention_mask"])
