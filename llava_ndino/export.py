@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -128,6 +129,22 @@ def make_tokenizer_portable(folder: Path) -> None:
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+@contextmanager
+def atomic_folder(out: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out`` to write into; on success it replaces ``out`` in one rename."""
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
 def save_llava_folder(
     model: LlavaNextForConditionalGeneration, processor: LlavaNextProcessor, out: Path
 ) -> Path:
@@ -136,23 +153,20 @@ def save_llava_folder(
     The generation config stops on both ``<|end_of_text|>`` and ``<|eot_id|>``.
     """
     out = Path(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.config.save_pretrained(str(tmp))
-    make_config_portable(tmp)
-    tokenizer = processor.tokenizer
-    stop_ids = [i for i in (tokenizer.convert_tokens_to_ids(t) for t in (END_OF_TEXT, EOT)) if i is not None]
-    generation = model.generation_config
-    generation.eos_token_id = sorted(set(stop_ids)) or generation.eos_token_id
-    generation.pad_token_id = tokenizer.pad_token_id
-    generation.save_pretrained(str(tmp))
-    write_sharded_safetensors(_unique_tensors(model), tmp)
-    processor.save_pretrained(str(tmp))
-    processor.image_processor.save_pretrained(str(tmp))
-    make_tokenizer_portable(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_folder(out) as tmp:
+        model.config.save_pretrained(str(tmp))
+        make_config_portable(tmp)
+        tokenizer = processor.tokenizer
+        stop_ids = [
+            i for i in (tokenizer.convert_tokens_to_ids(t) for t in (END_OF_TEXT, EOT)) if i is not None
+        ]
+        generation = model.generation_config
+        generation.eos_token_id = sorted(set(stop_ids)) or generation.eos_token_id
+        generation.pad_token_id = tokenizer.pad_token_id
+        generation.save_pretrained(str(tmp))
+        write_sharded_safetensors(_unique_tensors(model), tmp)
+        processor.save_pretrained(str(tmp))
+        processor.image_processor.save_pretrained(str(tmp))
+        make_tokenizer_portable(tmp)
     log.info("wrote LlavaNext folder %s", out)
     return out

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import yaml
 
 from llava_ndino.config import load_config
+from llava_ndino.export import atomic_folder
 from llava_ndino.model.tiny import mark_tokenizer_portable
 from llava_ndino.train.checkpoint import CONFIG_FILE, load_model_weights, resolve_resume
 
@@ -58,19 +57,14 @@ def export_text_run(path: Path, out: Path, adapter: bool = False, dtype: str = "
     task = make_task(cfg)
     task.build()
     task.load_state(load_model_weights(checkpoint))
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if adapter:
-        resized = len(task.tokenizer) != task.base_vocab
-        task.model.save_pretrained(str(tmp), save_embedding_layers=resized)
-    else:
-        model = task.model.merge_and_unload() if cfg.lora.enabled else task.model
-        model.save_pretrained(str(tmp))
-    task.tokenizer.save_pretrained(str(tmp))
-    mark_tokenizer_portable(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_folder(out) as tmp:
+        if adapter:
+            resized = len(task.tokenizer) != task.base_vocab
+            task.model.save_pretrained(str(tmp), save_embedding_layers=resized)
+        else:
+            model = task.model.merge_and_unload() if cfg.lora.enabled else task.model
+            model.save_pretrained(str(tmp))
+        task.tokenizer.save_pretrained(str(tmp))
+        mark_tokenizer_portable(tmp)
     log.info("wrote %s folder %s from %s", "adapter" if adapter else "merged causal-LM", out, checkpoint)
     return out
