@@ -114,7 +114,11 @@ class TrainConfig:
     per_device_batch_size: int = 4
     """Samples per device in each micro-batch."""
     grad_accum: int = 1
-    """Micro-batches accumulated into each optimizer step."""
+    """Micro-batches accumulated into each optimizer step (derived when train.global_batch_size is set)."""
+    global_batch_size: int = 0
+    """0: the per-device batch and accumulation are fixed and the global batch grows with the GPU count; N: the global batch is fixed at N samples per step and accumulation (then the per-device batch) adapts to the world size."""
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON to use instead of launch/deepspeed/ENGINE.json with engine=zero*; "auto" values are filled from the recipe."""
     lr: float = 1e-5
     """Peak learning rate."""
     lr_vision: float | None = None
@@ -188,13 +192,13 @@ class RunConfig:
     resume: str = "auto"
     """auto (latest checkpoint in output_dir, if any), none (start afresh) or a checkpoint path."""
     init_from: str | None = None
-    """Checkpoint whose weights initialise the model before training."""
+    """Weights that initialise the model before training (vlm_sft): a run directory (its latest checkpoint), a checkpoint (RUN/checkpoints/step_N) or an HF LlavaNext folder; keys and shapes must match the recipe's model. Only weights: optimizer, scheduler and step start fresh. Ignored when resume finds a checkpoint."""
     seed: int = 0
     """Random seed."""
     objective: str = "vlm_sft"
     """What to train: vlm_sft (image + conversation, loss on the answers), clm (packed raw text), sft (text instructions/chats, loss on the answers) or dpo (preference pairs, sigmoid DPO loss)."""
     engine: str = "single"
-    """How the loop runs: single (one process) or ddp (DistributedDataParallel; chosen automatically under torchrun with several processes)."""
+    """How the loop runs: single (one process), ddp (DistributedDataParallel; chosen automatically for single under torchrun with several processes), or DeepSpeed zero2, zero2_offload, zero3, zero3_offload (configs in launch/deepspeed/)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Model construction."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -213,7 +217,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "data.template": tuple(TEMPLATES),
-    "engine": ("single", "ddp"),
+    "engine": ("single", "ddp", "zero2", "zero2_offload", "zero3", "zero3_offload"),
     "data.synthetic": ("shapes",),
     "train.schedule": ("cosine", "linear", "constant"),
     "train.trainable": ("projector", "vision", "llm", "newline"),
@@ -226,6 +230,7 @@ _RANGES: dict[str, tuple[float, float | None]] = {
     "train.max_steps": (1, None),
     "train.per_device_batch_size": (1, None),
     "train.grad_accum": (1, None),
+    "train.global_batch_size": (0, None),
     "train.warmup_ratio": (0, 1),
     "data.max_skip_ratio": (0, 1),
     "lora.r": (1, None),

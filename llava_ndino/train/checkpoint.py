@@ -8,15 +8,19 @@ Layout of a run directory::
             model.safetensors    model weights; tied tensors are stored once and re-tied on load
             optimizer.pt         optimizer state_dict (absent when None was passed)
             scheduler.pt         LR scheduler state_dict (absent when None was passed)
-            rng.pt               capture_rng_state() of the saving process
+            rng.pt               capture_rng_state() of the saving process (rank 0)
+            rng_rank{R}.pt       every rank's RNG states, in multi-process runs
+            zero/                DeepSpeed's per-rank model and optimiser shards (ZeRO engines)
             trainer_state.json   {"step": N, "trainer_state": {...}} (data position, epoch, ...)
             config.yaml          the run config
-            COMPLETE             written last: JSON manifest of the files above and their sizes
-        .tmp_step_1300_<pid>/    a save in progress, or one killed mid-way (removed by the next save)
+            COMPLETE             written last: JSON manifest of every file above and its size
+        .tmp_step_1300/          a save in progress, or one killed mid-way (removed by the next save)
 
 A save goes to a temp dir, is fsynced, renamed to ``step_N`` and only then is ``latest`` replaced, so
 a crash at any point (SIGKILL, node failure, time limit) leaves the previous checkpoint usable.
-Only one process (rank 0) may save into a run directory at a time.
+In multi-process runs every rank first writes its shards and RNG file into the temp dir
+(:func:`prepare_checkpoint_dir`, :func:`checkpoint_tmp_dir`), then rank 0 alone finishes the save
+with :func:`save_checkpoint`; only one run may save into a run directory at a time.
 """
 
 from __future__ import annotations
@@ -101,6 +105,31 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(cuda_state.cpu(), index)
 
 
+def rank_rng_file(rank: int) -> str:
+    """Name of the RNG file each rank writes in a multi-process checkpoint."""
+    return f"rng_rank{rank}.pt"
+
+
+def checkpoint_tmp_dir(run_dir: Path, step: int) -> Path:
+    """The temp dir a save of ``step`` is written into (the same name on every rank)."""
+    return Path(run_dir) / CHECKPOINTS_DIR / f"{_TMP_PREFIX}step_{step}"
+
+
+def prepare_checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """Create an empty :func:`checkpoint_tmp_dir` (removing one a crashed save left); call on one rank."""
+    tmp = checkpoint_tmp_dir(run_dir, step)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_rank_rng(tmp: Path, rank: int) -> None:
+    """Write this rank's RNG states into a checkpoint being saved."""
+    torch.save(capture_rng_state(), tmp / rank_rng_file(rank))
+    _fsync(tmp / rank_rng_file(rank))
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -111,13 +140,15 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     config_text: str,
     keep_last: int,
+    prepared: bool = False,
 ) -> Path:
     """Atomically write ``run_dir/checkpoints/step_{step}``, point ``latest`` at it and prune old ones.
 
     ``trainer_state`` must be JSON-serialisable. ``keep_last`` is how many complete checkpoints to keep
     (0 keeps all); the one ``latest`` names is never deleted. An existing ``step_{step}`` is replaced:
     it is moved aside just before the new one is renamed in, so a crash between those two renames
-    falls back to an older checkpoint. Returns the checkpoint directory.
+    falls back to an older checkpoint. ``prepared`` means other ranks already wrote their files into
+    :func:`checkpoint_tmp_dir`; they become part of the checkpoint. Returns the checkpoint directory.
     """
     if step < 0 or keep_last < 0:
         raise ValueError(
@@ -131,12 +162,8 @@ def save_checkpoint(
         SCHEDULER_FILE: scheduler_state,
     }
     root = Path(run_dir) / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step}"
-    tmp = root / f"{_TMP_PREFIX}{name}_{os.getpid()}"
-    if tmp.exists():  # left by an earlier crashed process that had our pid
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = checkpoint_tmp_dir(run_dir, step) if prepared else prepare_checkpoint_dir(run_dir, step)
     try:
         save_file(tensors, tmp / MODEL_FILE, metadata={"format": "pt", _ALIASES_KEY: json.dumps(aliases)})
         _fsync(tmp / MODEL_FILE)
@@ -146,9 +173,13 @@ def save_checkpoint(
                 _fsync(tmp / fname)
         _write_synced(tmp / TRAINER_STATE_FILE, trainer_json)
         _write_synced(tmp / CONFIG_FILE, config_text)
-        sizes = {path.name: path.stat().st_size for path in tmp.iterdir()}
+        files = sorted(path for path in tmp.rglob("*") if path.is_file())
+        for path in files:  # other ranks' shards too: nothing is marked complete before it is on disk
+            _fsync(path)
+        sizes = {path.relative_to(tmp).as_posix(): path.stat().st_size for path in files}
         _write_synced(tmp / COMPLETE_FILE, json.dumps({"step": step, "files": sizes}))
-        _fsync(tmp)
+        for folder in sorted({path.parent for path in files}, reverse=True):
+            _fsync(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # e.g. disk full: give the space back
         raise
@@ -235,10 +266,15 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     return ckpt
 
 
-def load_checkpoint(ckpt_dir: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+def load_checkpoint(
+    ckpt_dir: Path, map_location: str | torch.device = "cpu", *, rank: int = 0, with_model: bool = True
+) -> Checkpoint:
     """Load a checkpoint written by :func:`save_checkpoint`; tensors go to ``map_location`` (RNG stays on CPU).
 
-    Raises :class:`CheckpointError` naming the directory if it is incomplete or a file cannot be read.
+    ``rank`` picks that rank's RNG file when the checkpoint has one per rank. ``with_model=False``
+    skips the weights and the optimiser (``model_state`` is then ``{}``), for engines that restore
+    them from their own shards. Raises :class:`CheckpointError` naming the directory if it is
+    incomplete or a file cannot be read.
     """
     ckpt_dir = Path(ckpt_dir)
     problem = _problem(ckpt_dir)
@@ -257,13 +293,19 @@ def load_checkpoint(ckpt_dir: Path, map_location: str | torch.device = "cpu") ->
         return read(fname, lambda p: torch.load(p, map_location=map_location, weights_only=True))
 
     step, trainer_state = read(TRAINER_STATE_FILE, _load_trainer_state)
+    rng_file = rank_rng_file(rank) if (ckpt_dir / rank_rng_file(rank)).is_file() else RNG_FILE
+    if rng_file == RNG_FILE and rank > 0:
+        logger.warning("%s has no RNG state for rank %d; using rank 0's", ckpt_dir, rank)
+    model_state = (
+        read(MODEL_FILE, lambda p: _load_model_state(p, str(torch.device(map_location)))) if with_model else {}
+    )
     return Checkpoint(
         path=ckpt_dir,
         step=step,
-        model_state=read(MODEL_FILE, lambda p: _load_model_state(p, str(torch.device(map_location)))),
-        optimizer_state=optional_pt(OPTIMIZER_FILE),
+        model_state=model_state,
+        optimizer_state=optional_pt(OPTIMIZER_FILE) if with_model else None,
         scheduler_state=optional_pt(SCHEDULER_FILE),
-        rng_state=read(RNG_FILE, lambda p: torch.load(p, map_location="cpu", weights_only=True)),
+        rng_state=read(rng_file, lambda p: torch.load(p, map_location="cpu", weights_only=True)),
         trainer_state=trainer_state,
         config_text=read(CONFIG_FILE, lambda p: p.read_text(encoding="utf-8")),
     )

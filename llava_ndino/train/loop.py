@@ -23,13 +23,23 @@ from transformers import get_scheduler
 from llava_ndino.config import RunConfig, config_to_yaml, save_resolved_config
 from llava_ndino.data.dataset import Batch
 from llava_ndino.train.checkpoint import (
+    checkpoint_tmp_dir,
     install_termination_handler,
     load_checkpoint,
+    prepare_checkpoint_dir,
     resolve_resume,
     restore_rng_state,
     save_checkpoint,
+    save_rank_rng,
 )
-from llava_ndino.train.engine import Engine, init_distributed, make_engine
+from llava_ndino.train.engine import (
+    ZERO_ENGINES,
+    Engine,
+    deepspeed_config,
+    init_distributed,
+    make_engine,
+    resolve_batch,
+)
 from llava_ndino.train.metrics import MetricsLogger, peak_flops
 from llava_ndino.train.optim import make_optimizer
 from llava_ndino.train.tasks import Task, make_task
@@ -122,8 +132,12 @@ def train(cfg: RunConfig) -> TrainResult:
 
 def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size: int) -> TrainResult:
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    per_device, accum = resolve_batch(
+        cfg.train.per_device_batch_size, cfg.train.grad_accum, cfg.train.global_batch_size, world_size
+    )
     task = make_task(cfg)
     task.build()
+    task.prepare_parallel(world_size)
     model = task.model
     if rank == 0:
         save_resolved_config(cfg, run_dir)
@@ -137,36 +151,45 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size
         num_warmup_steps=math.ceil(cfg.train.warmup_ratio * cfg.train.max_steps),
         num_training_steps=cfg.train.max_steps,
     )
-    engine = make_engine(cfg.engine, model, optimizer, device, world_size)
+    ds_config = None
+    if cfg.engine in ZERO_ENGINES:
+        ds_config = deepspeed_config(
+            cfg.engine, cfg.train.deepspeed_config, per_device, accum, cfg.train.max_grad_norm
+        )
+    engine = make_engine(cfg.engine, model, optimizer, device, world_size, ds_config)
     dataset = task.dataset("train")
     skips = SkipTracker(run_dir, cfg.data.max_skip_ratio, len(dataset), engine.is_main)
 
     step, consumed = 0, 0
     checkpoint = resolve_resume(cfg.resume, run_dir)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint)
-        task.load_state(state.model_state)
-        optimizer.load_state_dict(state.optimizer_state)
+        state = load_checkpoint(checkpoint, rank=rank, with_model=not engine.reads_shards)
+        if engine.reads_shards:
+            engine.load_shards(checkpoint)
+        else:
+            task.load_state(state.model_state)
+            optimizer.load_state_dict(state.optimizer_state)
         scheduler.load_state_dict(state.scheduler_state)
         step, consumed = state.step, state.trainer_state["consumed"]
         skips.load(state.trainer_state["skips"])
         restore_rng_state(state.rng_state)
         log.info("resumed from %s at step %d (%d samples consumed)", checkpoint, step, consumed)
 
-    batch_per_step = cfg.train.per_device_batch_size * cfg.train.grad_accum * world_size
+    fixed = "global batch fixed by the recipe" if cfg.train.global_batch_size else "per-device batch fixed"
     log.info(
-        "engine %s on %s; global batch %d = %d per device x %d accumulation x %d processes",
+        "engine %s on %s; global batch %d = %d per device x %d accumulation x %d processes (%s)",
         engine.name,
         device,
-        batch_per_step,
-        cfg.train.per_device_batch_size,
-        cfg.train.grad_accum,
+        per_device * accum * world_size,
+        per_device,
+        accum,
         world_size,
+        fixed,
     )
     sampler = task.sampler(dataset, consumed, rank, world_size)
     loader = DataLoader(
         dataset,
-        batch_size=cfg.train.per_device_batch_size,
+        batch_size=per_device,
         sampler=sampler,
         collate_fn=task.collator(),
         num_workers=cfg.data.num_workers,
@@ -178,7 +201,18 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size
     termination = install_termination_handler()
     try:
         result = _loop(
-            cfg, task, engine, scheduler, iter(loader), skips, metrics, termination, step, consumed, run_dir
+            cfg,
+            task,
+            engine,
+            scheduler,
+            iter(loader),
+            skips,
+            metrics,
+            termination,
+            step,
+            consumed,
+            run_dir,
+            accum,
         )
     finally:
         termination.restore()
@@ -196,17 +230,27 @@ def _save(
     skips: SkipTracker,
     run_dir: Path,
 ) -> None:
+    """Every rank writes its shards and RNG state into the temp dir, then rank 0 completes the save."""
+    if engine.is_main:
+        prepare_checkpoint_dir(run_dir, step)
+    engine.barrier()
+    tmp = checkpoint_tmp_dir(run_dir, step)
+    engine.save_shards(tmp)
+    if engine.world_size > 1:
+        save_rank_rng(tmp, engine.rank)
     state = task.checkpoint_state(engine.model_state())
+    engine.barrier()
     if engine.is_main:
         save_checkpoint(
             run_dir,
             step,
             model_state=state,
-            optimizer_state=engine.optimizer.state_dict(),
+            optimizer_state=engine.optimizer_state(),
             scheduler_state=scheduler.state_dict(),
             trainer_state={"consumed": consumed, "skips": skips.state()},
             config_text=config_to_yaml(cfg),
             keep_last=cfg.train.keep_last,
+            prepared=True,
         )
     engine.barrier()
 
@@ -251,7 +295,18 @@ class Window:
 
 
 def _loop(
-    cfg, task: Task, engine: Engine, scheduler, batches, skips, metrics, termination, step, consumed, run_dir
+    cfg,
+    task: Task,
+    engine: Engine,
+    scheduler,
+    batches,
+    skips,
+    metrics,
+    termination,
+    step,
+    consumed,
+    run_dir,
+    accum,
 ) -> TrainResult:
     train_cfg = cfg.train
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if engine.device.type == "cuda" else nullcontext()
@@ -267,18 +322,22 @@ def _loop(
     )
     while step < train_cfg.max_steps:
         micro = []
-        for _ in range(train_cfg.grad_accum):
+        for _ in range(accum):
             batch = next(batches)
             skips.update(batch)
             consumed += batch.num_raw * engine.world_size
-            if not batch.empty:
-                micro.append(_to_device(batch.tensors, engine.device))
+            while batch.empty:  # every rank runs the same number of passes, so collectives match
+                batch = next(batches)
+                skips.update(batch)
+                consumed += batch.num_raw * engine.world_size
+            micro.append(_to_device(batch.tensors, engine.device))
         local_targets = sum(task.targets(b) for b in micro)
         step_targets = max(engine.all_reduce_sum(local_targets), 1)
-        for batch in micro:
-            with autocast:
-                loss_sum, stats = task.loss_sum(engine.module, batch)
-            engine.backward(loss_sum * engine.world_size / step_targets)
+        for index, batch in enumerate(micro):
+            with engine.micro_context(last=index == len(micro) - 1):
+                with autocast:
+                    loss_sum, stats = task.loss_sum(engine.module, batch)
+                engine.backward(loss_sum * engine.world_size / step_targets)
             window.sums.update(
                 {"loss": float(loss_sum.detach()), **{f"stat/{k}": v for k, v in stats.items()}}
             )

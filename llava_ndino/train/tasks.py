@@ -35,6 +35,7 @@ from llava_ndino.data.shards import is_shard_dir
 from llava_ndino.data.streaming import ShardStream
 from llava_ndino.train.metrics import flops_per_step
 from llava_ndino.train.model_setup import apply_trainable, build_model, param_groups, save_skeleton
+from llava_ndino.train.vision_sync import freeze_unused_vision_layers, install_vision_keepalive
 
 
 class Task:
@@ -50,6 +51,9 @@ class Task:
     def build(self) -> None:
         """Create ``self.model`` (all parameters on CPU) and ``self.processor``; freeze per the recipe."""
         raise NotImplementedError
+
+    def prepare_parallel(self, world_size: int) -> None:
+        """Adjust the built model before the optimiser and the engine see it (``world_size`` processes)."""
 
     def save_skeleton(self, run_dir: Path) -> None:
         """Write what inference and export need besides the weights (config, tokenizer/processor)."""
@@ -128,6 +132,12 @@ class VlmSftTask(Task):
 
     def param_groups(self) -> list[dict]:
         return param_groups(self.model, self.cfg.train)
+
+    def prepare_parallel(self, world_size: int) -> None:
+        """Freeze the tower layers LLaVA never reads; with several ranks, always run the vision path."""
+        freeze_unused_vision_layers(self.model)
+        if world_size > 1:
+            install_vision_keepalive(self.model)
 
     def source(self, split: str = "train") -> RecordSource:
         """The record source the recipe asks for (synthetic shapes, a map-style mixture, a LLaVA JSON file)."""
