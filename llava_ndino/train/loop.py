@@ -58,6 +58,19 @@ class TrainResult:
     last_loss: float | None
 
 
+@dataclass
+class Run:
+    """The parts of a run the loop and the checkpoint writer share."""
+
+    cfg: RunConfig
+    task: Task
+    engine: Engine
+    scheduler: object
+    skips: SkipTracker
+    run_dir: Path
+    accum: int
+
+
 class SkipTracker:
     """Counts and lists skipped samples; aborts above ``max_ratio`` once enough samples were seen."""
 
@@ -200,37 +213,17 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size
     metrics = MetricsLogger(run_dir, enabled=engine.is_main)
     termination = install_termination_handler()
     try:
-        result = _loop(
-            cfg,
-            task,
-            engine,
-            scheduler,
-            iter(loader),
-            skips,
-            metrics,
-            termination,
-            step,
-            consumed,
-            run_dir,
-            accum,
-        )
+        run = Run(cfg, task, engine, scheduler, skips, run_dir, accum)
+        result = _loop(run, iter(loader), metrics, termination, step, consumed)
     finally:
         termination.restore()
         metrics.close()
     return result
 
 
-def _save(
-    cfg: RunConfig,
-    task: Task,
-    engine: Engine,
-    scheduler,
-    step: int,
-    consumed: int,
-    skips: SkipTracker,
-    run_dir: Path,
-) -> None:
+def _save(run: Run, step: int, consumed: int) -> None:
     """Every rank writes its shards and RNG state into the temp dir, then rank 0 completes the save."""
+    engine, run_dir = run.engine, run.run_dir
     if engine.is_main:
         prepare_checkpoint_dir(run_dir, step)
     engine.barrier()
@@ -238,7 +231,7 @@ def _save(
     engine.save_shards(tmp)
     if engine.world_size > 1:
         save_rank_rng(tmp, engine.rank)
-    state = task.checkpoint_state(engine.model_state())
+    state = run.task.checkpoint_state(engine.model_state())
     engine.barrier()
     if engine.is_main:
         save_checkpoint(
@@ -246,10 +239,10 @@ def _save(
             step,
             model_state=state,
             optimizer_state=engine.optimizer_state(),
-            scheduler_state=scheduler.state_dict(),
-            trainer_state={"consumed": consumed, "skips": skips.state()},
-            config_text=config_to_yaml(cfg),
-            keep_last=cfg.train.keep_last,
+            scheduler_state=run.scheduler.state_dict(),
+            trainer_state={"consumed": consumed, "skips": run.skips.state()},
+            config_text=config_to_yaml(run.cfg),
+            keep_last=run.cfg.train.keep_last,
             prepared=True,
         )
     engine.barrier()
@@ -294,20 +287,23 @@ class Window:
         return values
 
 
-def _loop(
-    cfg,
-    task: Task,
-    engine: Engine,
-    scheduler,
-    batches,
-    skips,
-    metrics,
-    termination,
-    step,
-    consumed,
-    run_dir,
-    accum,
-) -> TrainResult:
+def _next_batch(run: Run, batches) -> tuple[Batch, int]:
+    """The next micro-batch with at least one usable sample, and how many raw samples it consumed.
+
+    An all-skipped micro-batch is replaced by the next one, so every rank runs the same number of
+    forward and backward passes and the collectives inside them stay matched.
+    """
+    consumed = 0
+    while True:
+        batch = next(batches)
+        run.skips.update(batch)
+        consumed += batch.num_raw * run.engine.world_size
+        if not batch.empty:
+            return batch, consumed
+
+
+def _loop(run: Run, batches, metrics: MetricsLogger, termination, step: int, consumed: int) -> TrainResult:
+    cfg, task, engine, scheduler = run.cfg, run.task, run.engine, run.scheduler
     train_cfg = cfg.train
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if engine.device.type == "cuda" else nullcontext()
     window, last_loss = Window(), None
@@ -322,14 +318,9 @@ def _loop(
     )
     while step < train_cfg.max_steps:
         micro = []
-        for _ in range(accum):
-            batch = next(batches)
-            skips.update(batch)
-            consumed += batch.num_raw * engine.world_size
-            while batch.empty:  # every rank runs the same number of passes, so collectives match
-                batch = next(batches)
-                skips.update(batch)
-                consumed += batch.num_raw * engine.world_size
+        for _ in range(run.accum):
+            batch, raw = _next_batch(run, batches)
+            consumed += raw
             micro.append(_to_device(batch.tensors, engine.device))
         local_targets = sum(task.targets(b) for b in micro)
         step_targets = max(engine.all_reduce_sum(local_targets), 1)
@@ -359,10 +350,10 @@ def _loop(
             window.reset()
         if engine.all_reduce_sum(float(termination.requested)) > 0:
             log.warning("termination signal received: saving step %d and exiting", step)
-            _save(cfg, task, engine, scheduler, step, consumed, skips, run_dir)
+            _save(run, step, consumed)
             bar.close()
-            return TrainResult(run_dir, step, "preempted", last_loss)
+            return TrainResult(run.run_dir, step, "preempted", last_loss)
         if step % train_cfg.save_every == 0 or step == train_cfg.max_steps:
-            _save(cfg, task, engine, scheduler, step, consumed, skips, run_dir)
+            _save(run, step, consumed)
     bar.close()
-    return TrainResult(run_dir, step, "completed", last_loss)
+    return TrainResult(run.run_dir, step, "completed", last_loss)
