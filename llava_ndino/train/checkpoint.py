@@ -297,7 +297,9 @@ def load_checkpoint(
     if rng_file == RNG_FILE and rank > 0:
         logger.warning("%s has no RNG state for rank %d; using rank 0's", ckpt_dir, rank)
     model_state = (
-        read(MODEL_FILE, lambda p: _load_model_state(p, str(torch.device(map_location)))) if with_model else {}
+        read(MODEL_FILE, lambda p: _load_model_state(p, str(torch.device(map_location))))
+        if with_model
+        else {}
     )
     return Checkpoint(
         path=ckpt_dir,

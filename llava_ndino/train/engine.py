@@ -222,7 +222,9 @@ class DeepSpeedEngine(DistributedEngine):
     ):
         import deepspeed
 
-        if not dist.is_initialized():  # a single process still needs a process group for DeepSpeed
+        # a single process still needs a process group for DeepSpeed; it stays for later runs in this
+        # process, since DeepSpeed caches its groups globally
+        if not dist.is_initialized():
             for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
                 os.environ.setdefault(key, value)
             backend = "nccl" if device.type == "cuda" else "gloo"

@@ -178,6 +178,7 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, rank=rank, with_model=not engine.reads_shards)
         if engine.reads_shards:
+            _check_same_layout(checkpoint, state.trainer_state, engine)
             engine.load_shards(checkpoint)
         else:
             task.load_state(state.model_state)
@@ -221,6 +222,17 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size
     return result
 
 
+def _check_same_layout(checkpoint: Path, trainer_state: dict, engine: Engine) -> None:
+    """Sharded optimiser state resumes only with the engine and world size that wrote it."""
+    saved = (trainer_state.get("engine"), trainer_state.get("world_size"))
+    if saved != (engine.name, engine.world_size):
+        raise ValueError(
+            f"{checkpoint} holds {saved[0]} shards of {saved[1]} processes, but this run is {engine.name} on "
+            f"{engine.world_size}; resume with the same engine and process count, or start a new run "
+            f"(another output_dir) from its weights with init_from={checkpoint}"
+        )
+
+
 def _save(run: Run, step: int, consumed: int) -> None:
     """Every rank writes its shards and RNG state into the temp dir, then rank 0 completes the save."""
     engine, run_dir = run.engine, run.run_dir
@@ -240,7 +252,12 @@ def _save(run: Run, step: int, consumed: int) -> None:
             model_state=state,
             optimizer_state=engine.optimizer_state(),
             scheduler_state=run.scheduler.state_dict(),
-            trainer_state={"consumed": consumed, "skips": run.skips.state()},
+            trainer_state={
+                "consumed": consumed,
+                "skips": run.skips.state(),
+                "engine": engine.name,
+                "world_size": engine.world_size,
+            },
             config_text=config_to_yaml(run.cfg),
             keep_last=run.cfg.train.keep_last,
             prepared=True,

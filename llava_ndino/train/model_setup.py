@@ -1,18 +1,23 @@
 """Model construction for training and inference: from a recipe, from a run directory or checkpoint,
-or from an HF LlavaNext folder; plus freezing by part and per-part learning rates."""
+or from an HF LlavaNext folder; weight initialisation from an earlier stage (``init_from``); plus
+freezing by part and per-part learning rates."""
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import re
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoProcessor, CLIPVisionModel, LlavaNextConfig, LlavaNextForConditionalGeneration
 
-from llava_ndino.config import ModelConfig, TrainConfig
+from llava_ndino.config import ModelConfig, RunConfig, TrainConfig
 from llava_ndino.model.build import (
     LoadOptions,
     assemble,
@@ -23,6 +28,7 @@ from llava_ndino.model.build import (
 )
 from llava_ndino.model.tiny import TinySizes, tiny_llm, tiny_vision_config
 from llava_ndino.model.tokenizer import train_tiny_tokenizer
+from llava_ndino.train.checkpoint import load_model_weights, resolve_resume
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +124,125 @@ def load_trained(
 
 def _is_tied(model: nn.Module, key: str) -> bool:
     return key == "lm_head.weight" and bool(model.config.get_text_config().tie_word_embeddings)
+
+
+_INIT_FROM_HINT = (
+    "pass a run directory, a checkpoint (RUN/checkpoints/step_N) or an HF LlavaNext folder "
+    "(config.json + *.safetensors, e.g. `ndino export` output)"
+)
+# Every LlavaNext key layout -> one canonical name: transformers 5 in memory (model.vision_tower.*,
+# model.language_model.*, lm_head.*), its save_pretrained (language_model.model.*, vision_tower.*)
+# and the original LLaVA-NeXT layout of our exports and released checkpoints (vision_tower.vision_model.*).
+_CANONICAL_KEY_RULES = [
+    (re.compile(r"^model\.(?=vision_tower\.|multi_modal_projector\.|language_model\.|image_newline)"), ""),
+    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+    (re.compile(r"^language_model\.model\."), "language_model."),
+    (re.compile(r"^vision_tower\.vision_model\."), "vision_tower."),
+]
+
+
+def apply_init_from(model: nn.Module, cfg: RunConfig) -> None:
+    """Initialise ``model`` from ``cfg.init_from``, unless ``cfg.resume`` finds a checkpoint (resume wins).
+
+    Call it on the full, unpartitioned model, before an engine wraps or shards it.
+    """
+    if not cfg.init_from:
+        return
+    resumed = resolve_resume(cfg.resume, Path(cfg.output_dir))
+    if resumed is not None:
+        log.info("init_from=%s ignored: the run resumes from %s", cfg.init_from, resumed)
+        return
+    load_init_weights(model, Path(cfg.init_from))
+
+
+def load_init_weights(model: nn.Module, path: Path) -> None:
+    """Copy the weights at ``path`` into ``model`` in place; optimiser, scheduler and step are untouched.
+
+    ``path`` is a run directory (its latest complete checkpoint), a checkpoint directory or an HF
+    LlavaNext folder (any key layout). Every key and shape must match the model.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"init_from={path} does not exist: {_INIT_FROM_HINT}")
+    ckpt = _checkpoint_dir(path)
+    if ckpt is not None:
+        state = load_model_weights(ckpt)
+        shapes = {key: tuple(tensor.shape) for key, tensor in state.items()}
+        _check_init_state(model, shapes, path)
+        _copy_into(model, state)
+        source = f"checkpoint {ckpt}"
+    else:
+        files = _safetensors_files(path)
+        names, shapes = _hf_weight_names(files, model)
+        _check_init_state(model, shapes, path)
+        for file in files:  # one shard in memory at a time
+            _copy_into(model, {names[key]: tensor for key, tensor in load_file(str(file)).items()})
+        source = f"HF LlavaNext folder {path} ({len(files)} safetensors file(s))"
+    values = sum(math.prod(shape) for shape in shapes.values())
+    log.info("init_from: loaded %d tensors (%s values) from %s", len(shapes), f"{values:,}", source)
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The safetensors files of an HF model folder (the index's shards, or model.safetensors)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        return [folder / name for name in shards]
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    raise FileNotFoundError(
+        f"init_from={folder} is neither a run directory (checkpoints/), a checkpoint (trainer_state.json) "
+        f"nor an HF LlavaNext folder with safetensors weights: {_INIT_FROM_HINT}"
+    )
+
+
+def _canonical_key(key: str) -> str:
+    """Map a LlavaNext weight name in any layout (see ``_CANONICAL_KEY_RULES``) to one spelling."""
+    for pattern, replacement in _CANONICAL_KEY_RULES:
+        key = pattern.sub(replacement, key)
+    return key
+
+
+def _hf_weight_names(
+    files: list[Path], model: nn.Module
+) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """Read the headers of ``files``: each weight name -> the model's state_dict key (unknown names
+    map to themselves), and each such key -> its shape."""
+    own = {_canonical_key(key): key for key in model.state_dict()}
+    names, shapes = {}, {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
+                names[key] = own.get(_canonical_key(key), key)
+                shapes[names[key]] = tuple(handle.get_slice(key).get_shape())
+    return names, shapes
+
+
+def _check_init_state(model: nn.Module, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+    """Raise ValueError naming ``path`` unless ``shapes`` covers exactly the model's keys with equal shapes."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in shapes and not _is_tied(model, k)]
+    unexpected = [k for k in shapes if k not in own]
+    if missing or unexpected:
+        raise ValueError(
+            f"init_from={path}: its weights do not match the model built by the recipe: "
+            f"{len(missing)} missing (e.g. {missing[:5]}), {len(unexpected)} unexpected (e.g. {unexpected[:5]}); "
+            "build the same model (model.source, model.vision/llm/llava, sizes) that wrote them"
+        )
+    for key, tensor in own.items():
+        if key in shapes and tuple(tensor.shape) != shapes[key]:
+            raise ValueError(
+                f"init_from={path}: shape mismatch for {key}: {list(shapes[key])} in the weights, "
+                f"{list(tensor.shape)} in the model built by the recipe"
+            )
+
+
+@torch.no_grad()
+def _copy_into(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` into the model's tensors in place, casting to their dtype."""
+    own = model.state_dict()
+    for key, tensor in state.items():
+        own[key].copy_(tensor)
 
 
 def part_modules(model: LlavaNextForConditionalGeneration) -> dict[str, list[nn.Parameter]]:

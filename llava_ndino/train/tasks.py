@@ -34,7 +34,13 @@ from llava_ndino.data.packing import model_inputs
 from llava_ndino.data.shards import is_shard_dir
 from llava_ndino.data.streaming import ShardStream
 from llava_ndino.train.metrics import flops_per_step
-from llava_ndino.train.model_setup import apply_trainable, build_model, param_groups, save_skeleton
+from llava_ndino.train.model_setup import (
+    apply_init_from,
+    apply_trainable,
+    build_model,
+    param_groups,
+    save_skeleton,
+)
 from llava_ndino.train.vision_sync import freeze_unused_vision_layers, install_vision_keepalive
 
 
@@ -124,7 +130,9 @@ class VlmSftTask(Task):
     name = "vlm_sft"
 
     def build(self) -> None:
+        """Build the model, load ``init_from`` into it (full model, before any engine shards it), freeze."""
         self.model, self.processor = build_model(self.cfg.model, self.cfg.seed)
+        apply_init_from(self.model, self.cfg)
         apply_trainable(self.model, list(self.cfg.train.trainable))
 
     def save_skeleton(self, run_dir: Path) -> None:

@@ -12,6 +12,7 @@ mis-scaled loss or a skipped rank move the first step's loss by 1e-3 or more).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -86,10 +87,8 @@ def _kill_tree(pid: int) -> None:
         victims.append(current)
         frontier += [child for child, parent in parents.items() if parent == current]
     for victim in victims:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -183,3 +182,54 @@ def test_zero3_resume_after_kill_continues_identically(tmp_path: Path) -> None:
     for step in losses:
         assert abs(losses[step] - reference[step]) <= 1e-6, (step, losses[step], reference[step])
     assert _max_diff(_weights(resumed), _weights(straight)) <= 1e-6
+
+
+def _projector_file(path: Path, hidden: int, vision_hidden: int) -> dict[str, torch.Tensor]:
+    """A LLaVA ``mm_projector.bin`` with random weights; returns it under the model's key names."""
+    generator = torch.Generator().manual_seed(3)
+    shapes = {
+        "0.weight": (hidden, vision_hidden),
+        "0.bias": (hidden,),
+        "2.weight": (hidden, hidden),
+        "2.bias": (hidden,),
+    }
+    tensors = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+    torch.save({f"model.mm_projector.{name}": tensor for name, tensor in tensors.items()}, path)
+    ours = {"0": "linear_1", "2": "linear_2"}
+    return {f"model.multi_modal_projector.{ours[name[0]]}.{name[2:]}": t for name, t in tensors.items()}
+
+
+def test_zero3_loads_projector_and_init_from_then_exports(single_run: Path, tmp_path: Path) -> None:
+    """Weights loaded before ZeRO-3 partitions the model survive sharding (lr 0 keeps them), and the
+    consolidated checkpoint exports to an HF folder that plain transformers loads."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    from llava_ndino.export import save_llava_folder
+    from llava_ndino.train.model_setup import load_trained
+
+    frozen = [*ARGS, "engine=zero3", "train.max_steps=1", "train.lr=0"]
+    expected = _projector_file(tmp_path / "mm_projector.bin", hidden=64, vision_hidden=64)
+    run_dir = tmp_path / "projector"
+    _torchrun(
+        [
+            "launch/train.py",
+            *frozen,
+            f"model.projector={tmp_path / 'mm_projector.bin'}",
+            f"output_dir={run_dir}",
+        ],
+        tmp_path / "projector.txt",
+    )
+    weights = _weights(run_dir)
+    assert all(torch.equal(weights[key], value) for key, value in expected.items())
+
+    run_dir = tmp_path / "init"
+    _torchrun(
+        ["launch/train.py", *frozen, f"init_from={single_run}", f"output_dir={run_dir}"],
+        tmp_path / "init.txt",
+    )
+    assert _max_diff(_weights(run_dir), _weights(single_run)) == 0.0
+
+    out = save_llava_folder(*load_trained(run_dir), tmp_path / "export")
+    exported = LlavaNextForConditionalGeneration.from_pretrained(str(out)).state_dict()
+    reference = _weights(single_run)
+    assert all(torch.equal(exported[key], reference[key]) for key in reference)
