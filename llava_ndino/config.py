@@ -438,3 +438,8 @@ def _validate(cfg: RunConfig) -> None:
         if value < low or (high is not None and value > high):
             bound = f">= {low}" if high is None else f"between {low} and {high}"
             raise RecipeError(f"invalid value {value!r} for '{key}': must be {bound}")
+    if cfg.init_from and cfg.objective != "vlm_sft":
+        raise RecipeError(
+            f"init_from applies to objective vlm_sft; for {cfg.objective}, point model.llm at the previous "
+            "stage's weights instead (an `ndino export` of that run)"
+        )

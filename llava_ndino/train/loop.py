@@ -156,7 +156,10 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size
         save_resolved_config(cfg, run_dir)
         task.save_skeleton(run_dir)
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = (
+            getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        )
+        enable({"use_reentrant": False})  # transformers >= 5.x renamed it; the old name warns
     optimizer = make_optimizer(cfg.train.optimizer, task.param_groups())
     scheduler = get_scheduler(
         "constant_with_warmup" if cfg.train.schedule == "constant" else cfg.train.schedule,

@@ -13,7 +13,13 @@ from llava_ndino.config import load_config
 from llava_ndino.train.loop import train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-ARGS = ["recipe=demo", "train.max_steps=20", "train.log_every=1", "train.save_every=20", "data.synthetic_train=400"]
+ARGS = [
+    "recipe=demo",
+    "train.max_steps=20",
+    "train.log_every=1",
+    "train.save_every=20",
+    "data.synthetic_train=400",
+]
 
 
 def _losses(run_dir: Path) -> list[float]:
