@@ -233,3 +233,30 @@ def test_zero3_loads_projector_and_init_from_then_exports(single_run: Path, tmp_
     exported = LlavaNextForConditionalGeneration.from_pretrained(str(out)).state_dict()
     reference = _weights(single_run)
     assert all(torch.equal(exported[key], reference[key]) for key in reference)
+
+
+@pytest.mark.parametrize("stage", ["align", "long_it"])
+def test_stage_recipe_runs_under_its_own_engine(stage: str, tiny_dirs, tmp_path: Path) -> None:
+    """The stage recipes as shipped (align: ZeRO-2, long_it: ZeRO-3 with gradient checkpointing) on 2
+    ranks, with only the model, data and sizes shrunk."""
+    tiny = [
+        f"model.vision={tiny_dirs['vision']}",
+        f"model.llm={tiny_dirs['llm']}",
+        "init_from=null",
+        "model.dtype=float32",
+        "data.synthetic=shapes",
+        "data.synthetic_train=16",
+        "data.synthetic_image_size=112",
+        "data.num_workers=0",
+        "train.per_device_batch_size=2",
+        "train.grad_accum=1",
+        "train.global_batch_size=0",
+        "train.max_steps=2",
+        "train.log_every=1",
+    ]
+    run_dir = tmp_path / stage
+    _torchrun(["launch/train.py", f"recipe={stage}", *tiny, f"output_dir={run_dir}"], tmp_path / "log.txt")
+    log = (run_dir / "train.log").read_text()
+    engine = load_config([f"recipe={stage}", "output_dir=unused"]).engine
+    assert f"engine {engine} on cpu; global batch 4 = 2 per device x 1 accumulation x 2 processes" in log
+    assert sorted(_losses(run_dir)) == [1, 2]
