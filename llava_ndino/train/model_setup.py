@@ -107,7 +107,7 @@ def load_trained(
     config._attn_implementation = options.attn_implementation
     with init_empty_weights(include_buffers=False):  # parameters come from the checkpoint
         model = LlavaNextForConditionalGeneration(config)
-    state = load_file(str(ckpt / "model.safetensors"))
+    state = _read_weights(ckpt / "model.safetensors", options)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not _is_tied(model, k)]
     if missing or unexpected:
@@ -115,11 +115,21 @@ def load_trained(
             f"{ckpt}: checkpoint does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
     model.tie_weights()
-    if options.dtype != "auto":
-        model.to(options.torch_dtype())
     model.generation_config = model.generation_config.from_pretrained(str(skeleton))
     log.info("loaded %s (step checkpoint of %s)", ckpt, ckpt.parent.parent)
     return model.eval(), AutoProcessor.from_pretrained(str(skeleton))
+
+
+def _read_weights(path: Path, options: LoadOptions) -> dict[str, torch.Tensor]:
+    """Read a safetensors file tensor by tensor, converting each to ``options.dtype`` as it arrives, so
+    the file's dtype and the target dtype never coexist in host RAM for the whole model."""
+    dtype = options.torch_dtype() if options.dtype != "auto" else None
+    state = {}
+    with safe_open(str(path), framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
+            tensor = handle.get_tensor(key)
+            state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    return state
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:
