@@ -106,6 +106,12 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.overrides)
 
 
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from llava_ndino.plan import run_plan
+
+    print(run_plan(args.overrides))
+
+
 def _cmd_recipes(args: argparse.Namespace) -> None:
     from llava_ndino.config import list_recipes
 
@@ -192,6 +198,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of recipe=demo")
     demo.set_defaults(func=_cmd_demo)
+
+    plan = sub.add_parser(
+        "plan",
+        help="estimate per-GPU memory of a recipe under ddp, zero2, zero3 and their offload variants",
+        description="Print, before launch, a per-GPU memory estimate of a recipe for every engine (ddp, zero2,\n"
+        "zero2_offload, zero3, zero3_offload), with and without gradient checkpointing: weights, gradients,\n"
+        "AdamW state, activations of one micro-batch at data.max_length, engine buffers and a CUDA allowance;\n"
+        "host RAM per node for the offload engines, the global batch, and the engine to use. Parameter\n"
+        "counts come from the model folders' config.json files, else from the ndino-8b preset (said so).",
+        epilog="keys (besides recipe=NAME and any recipe override such as data.max_length=4096):\n"
+        "  gpus=N           total GPUs, i.e. the world size (default 1)\n"
+        "  gpus_per_node=N  GPUs per node, for the host RAM per node (default 4, Leonardo)\n"
+        "  gpu_mem_gb=G     memory per GPU in GiB (default 64, Leonardo's A100 64 GB)\n"
+        "  model_preset=ndino-8b  use the built-in shapes even when the model folders exist\n\n"
+        "examples:\n  ndino plan recipe=long_it gpus=8\n"
+        "  ndino plan recipe=adapt gpus=16 gpu_mem_gb=80 train.per_device_batch_size=1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plan.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="recipe=NAME, planner keys and overrides"
+    )
+    plan.set_defaults(func=_cmd_plan)
 
     recipes = sub.add_parser("recipes", help="list the shipped recipes with a one-line description each")
     recipes.set_defaults(func=_cmd_recipes)
