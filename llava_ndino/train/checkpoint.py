@@ -322,6 +322,11 @@ def load_model_weights(ckpt_dir: Path, map_location: str | torch.device = "cpu")
     return _load_model_state(ckpt_dir / MODEL_FILE, str(torch.device(map_location)))
 
 
+def read_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
+    """The ``trainer_state`` a checkpoint was saved with (data position, engine, world size, ...)."""
+    return _load_trainer_state(Path(ckpt_dir) / TRAINER_STATE_FILE)[1]
+
+
 class TerminationFlag:
     """Records SIGTERM/SIGINT so the training loop can save a checkpoint and exit 0.
 

@@ -305,6 +305,28 @@ class DeepSpeedEngine(DistributedEngine):
             raise ValueError(f"DeepSpeed could not load the shards in {checkpoint / SHARDS_DIR}")
 
 
+def engine_name(name: str, world_size: int) -> str:
+    """The engine that runs: ``single`` under torchrun with more than one process means ``ddp``."""
+    return "ddp" if name == "single" and world_size > 1 else name
+
+
+def check_resumable(checkpoint: Path, saved: tuple[str | None, int | None], current: tuple[str, int]) -> None:
+    """Refuse a resume that cannot restore the optimiser: ZeRO shards belong to the engine and world
+    size that wrote them, and a ZeRO checkpoint holds no ``optimizer.pt`` for the other engines.
+
+    ``saved`` and ``current`` are ``(engine, world size)``; a checkpoint from before engines were
+    recorded has ``(None, None)`` and counts as a full-state (single/ddp) one.
+    """
+    if saved[0] not in ZERO_ENGINES and current[0] not in ZERO_ENGINES:
+        return  # full model and optimiser state: any world size and either of single/ddp resume it
+    if saved != current:
+        raise ValueError(
+            f"{checkpoint} holds the state of {saved[0] or 'single/ddp'} on {saved[1] or 'unknown'} processes, "
+            f"but this run is {current[0]} on {current[1]}; resume with the same engine and process count, "
+            f"or start a new run (another output_dir) from its weights with init_from={checkpoint}"
+        )
+
+
 def make_engine(
     name: str,
     model: nn.Module,
@@ -317,8 +339,7 @@ def make_engine(
 
     ZeRO engines need ``ds_config`` from :func:`deepspeed_config`.
     """
-    if name == "single" and world_size > 1:
-        name = "ddp"
+    name = engine_name(name, world_size)
     if name == "single":
         return Engine(model, optimizer, device)
     if name == "ddp":

@@ -27,6 +27,7 @@ from llava_ndino.train.checkpoint import (
     install_termination_handler,
     load_checkpoint,
     prepare_checkpoint_dir,
+    read_trainer_state,
     resolve_resume,
     restore_rng_state,
     save_checkpoint,
@@ -35,7 +36,9 @@ from llava_ndino.train.checkpoint import (
 from llava_ndino.train.engine import (
     ZERO_ENGINES,
     Engine,
+    check_resumable,
     deepspeed_config,
+    engine_name,
     init_distributed,
     make_engine,
     resolve_batch,
@@ -148,6 +151,11 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size
     per_device, accum = resolve_batch(
         cfg.train.per_device_batch_size, cfg.train.grad_accum, cfg.train.global_batch_size, world_size
     )
+    checkpoint = resolve_resume(cfg.resume, run_dir)
+    if checkpoint is not None:  # before anything is built: a refused resume fails fast
+        saved = read_trainer_state(checkpoint)
+        layout = (saved.get("engine"), saved.get("world_size"))
+        check_resumable(checkpoint, layout, (engine_name(cfg.engine, world_size), world_size))
     task = make_task(cfg)
     task.build()
     task.prepare_parallel(world_size)
@@ -177,11 +185,9 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size
     skips = SkipTracker(run_dir, cfg.data.max_skip_ratio, len(dataset), engine.is_main)
 
     step, consumed = 0, 0
-    checkpoint = resolve_resume(cfg.resume, run_dir)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, rank=rank, with_model=not engine.reads_shards)
         if engine.reads_shards:
-            _check_same_layout(checkpoint, state.trainer_state, engine)
             engine.load_shards(checkpoint)
         else:
             task.load_state(state.model_state)
@@ -223,17 +229,6 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size
         termination.restore()
         metrics.close()
     return result
-
-
-def _check_same_layout(checkpoint: Path, trainer_state: dict, engine: Engine) -> None:
-    """Sharded optimiser state resumes only with the engine and world size that wrote it."""
-    saved = (trainer_state.get("engine"), trainer_state.get("world_size"))
-    if saved != (engine.name, engine.world_size):
-        raise ValueError(
-            f"{checkpoint} holds {saved[0]} shards of {saved[1]} processes, but this run is {engine.name} on "
-            f"{engine.world_size}; resume with the same engine and process count, or start a new run "
-            f"(another output_dir) from its weights with init_from={checkpoint}"
-        )
 
 
 def _save(run: Run, step: int, consumed: int) -> None:

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from llava_ndino.config import load_config
-from llava_ndino.train.engine import DS_CONFIG_DIR, ZERO_ENGINES, deepspeed_config, resolve_batch
+from llava_ndino.train.engine import (
+    DS_CONFIG_DIR,
+    ZERO_ENGINES,
+    check_resumable,
+    deepspeed_config,
+    resolve_batch,
+)
 from llava_ndino.train.loop import train
 
 TINY = [
@@ -72,12 +78,34 @@ def test_unknown_engine_names_the_choices() -> None:
         load_config([*TINY, "output_dir=unused", "engine=zero4"])
 
 
+@pytest.mark.parametrize(
+    ("saved", "current", "allowed"),
+    [
+        (("zero3", 2), ("zero3", 2), True),
+        (("zero3", 2), ("zero3", 4), False),  # shards are per rank
+        (("zero2", 1), ("zero3", 1), False),
+        (("zero2", 2), ("ddp", 2), False),  # no optimizer.pt in a ZeRO checkpoint
+        (("single", 1), ("ddp", 4), True),  # full state: any world size
+        ((None, None), ("single", 1), True),  # written before engines were recorded
+        ((None, None), ("zero2", 1), False),
+    ],
+)
+def test_check_resumable(saved, current, allowed) -> None:
+    if allowed:
+        check_resumable(Path("ckpt"), saved, current)
+    else:
+        with pytest.raises(ValueError, match=r"same engine and process count.*init_from=ckpt"):
+            check_resumable(Path("ckpt"), saved, current)
+
+
 def test_zero_shards_resume_only_with_their_engine(tmp_path: Path) -> None:
-    """One process under ZeRO-2 writes shards; resuming them with ZeRO-3 is refused with advice."""
+    """One process under ZeRO-2 writes shards; resuming them as ZeRO-3 or single is refused before
+    anything is built (ZeRO-3's engine would patch torch.nn.functional.linear in this process)."""
     run_dir = tmp_path / "run"
     assert train(load_config([*TINY, "engine=zero2", f"output_dir={run_dir}"])).status == "completed"
     checkpoint = run_dir / "checkpoints" / "step_2"
     assert (checkpoint / "zero").is_dir() and (checkpoint / "model.safetensors").is_file()
-    more = [*TINY, "engine=zero3", "train.max_steps=4", f"output_dir={run_dir}"]
-    with pytest.raises(ValueError, match=r"zero2 shards of 1 processes.*zero3 on 1.*init_from="):
-        train(load_config(more))
+    for engine in ("zero3", "single"):
+        more = [*TINY, f"engine={engine}", "train.max_steps=4", f"output_dir={run_dir}"]
+        with pytest.raises(ValueError, match=rf"zero2 on 1 processes.*{engine} on 1.*init_from="):
+            train(load_config(more))

@@ -132,7 +132,7 @@ def test_two_ranks_follow_the_single_process_trajectory(
 @pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3"])
 def test_ranks_participate_and_mixed_batches_do_not_hang(engine: str, tmp_path: Path) -> None:
     """Rank 0 trains on images while rank 1 trains on text only; parameters stay identical."""
-    _torchrun([str(ROOT / "tests/dist/engine_probe.py"), engine, str(tmp_path)], tmp_path / "log.txt")
+    _torchrun([str(ROOT / "tests/distributed/engine_probe.py"), engine, str(tmp_path)], tmp_path / "log.txt")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}
     assert ranks[0]["losses"] != ranks[1]["losses"], "both ranks saw the same data"
