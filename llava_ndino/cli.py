@@ -103,7 +103,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from llava_ndino.demo import run_demo
 
-    run_demo(args.overrides)
+    run_demo(args.overrides, train_first=not args.no_train)
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
@@ -194,9 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="The embedded default (make demo): recipe=demo on synthetic Italian shapes questions, "
         "then exact-match accuracy per question type on held-out questions, an HF export, and one answer "
         "on a freshly generated image. Accepts the same key=value overrides as `ndino train`.",
-        epilog="example: ndino demo train.max_steps=100 output_dir=runs/quick",
+        epilog="examples:\n  ndino demo train.max_steps=100 output_dir=runs/quick\n"
+        "  ndino demo --no-train output_dir=runs/demo-zero3",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of recipe=demo")
+    demo.add_argument(
+        "--no-train",
+        action="store_true",
+        help="skip training: evaluate, export and ask with the latest checkpoint in output_dir, e.g. "
+        "after `torchrun --nproc_per_node 2 launch/train.py recipe=demo engine=zero3 output_dir=DIR`",
+    )
     demo.set_defaults(func=_cmd_demo)
 
     plan = sub.add_parser(

@@ -51,13 +51,17 @@ def format_report(scores: dict, baseline: float) -> str:
     return "\n".join(lines)
 
 
-def run_demo(overrides: list[str]) -> dict:
-    """Train (or resume) ``recipe=demo`` with ``overrides``, evaluate, export, and answer a fresh image."""
+def run_demo(overrides: list[str], train_first: bool = True) -> dict:
+    """Train (or resume) ``recipe=demo`` with ``overrides``, evaluate, export, and answer a fresh image.
+
+    ``train_first=False`` uses the latest checkpoint already in ``output_dir`` (trained by any engine).
+    """
     cfg = load_config(["recipe=demo", *overrides])
-    result = train(cfg)
-    if result.status != "completed":
-        raise SystemExit(f"training stopped at step {result.step} ({result.status}); rerun to resume")
-    export_dir = save_llava_folder(*load_trained(result.run_dir), Path(cfg.output_dir) / "export")
+    if train_first:
+        result = train(cfg)
+        if result.status != "completed":
+            raise SystemExit(f"training stopped at step {result.step} ({result.status}); rerun to resume")
+    export_dir = save_llava_folder(*load_trained(Path(cfg.output_dir)), Path(cfg.output_dir) / "export")
     print(f"exported HF LlavaNext folder: {export_dir}")
     answerer = Answerer.from_path(export_dir)
 
