@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -235,6 +236,9 @@ class DeepSpeedEngine(DistributedEngine):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.config = config
         self.stage = config["zero_optimization"]["stage"]
+        # DeepSpeed calls torch's deprecated collective names on every step; keep the log readable
+        warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.*", category=FutureWarning)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=self.model, optimizer=optimizer, config=config
         )
