@@ -198,7 +198,7 @@ class RunConfig:
     objective: str = "vlm_sft"
     """What to train: vlm_sft (image + conversation, loss on the answers), clm (packed raw text), sft (text instructions/chats, loss on the answers) or dpo (preference pairs, sigmoid DPO loss)."""
     engine: str = "single"
-    """How the loop runs: single (one process), ddp (DistributedDataParallel; chosen automatically for single under torchrun with several processes), or DeepSpeed zero2, zero2_offload, zero3, zero3_offload (configs in launch/deepspeed/)."""
+    """How the loop runs: single (one process; becomes ddp under torchrun with several processes), ddp (DistributedDataParallel; single when there is one process), or DeepSpeed zero2, zero2_offload, zero3, zero3_offload (configs in launch/deepspeed/)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Model construction."""
     data: DataConfig = field(default_factory=DataConfig)

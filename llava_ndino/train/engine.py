@@ -234,7 +234,6 @@ class DeepSpeedEngine(DistributedEngine):
         self.model = model.to(device)
         self.device = device
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.config = config
         self.stage = config["zero_optimization"]["stage"]
         # DeepSpeed calls torch's deprecated collective names on every step; keep the log readable
         warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*", category=FutureWarning)
@@ -310,8 +309,12 @@ class DeepSpeedEngine(DistributedEngine):
 
 
 def engine_name(name: str, world_size: int) -> str:
-    """The engine that runs: ``single`` under torchrun with more than one process means ``ddp``."""
-    return "ddp" if name == "single" and world_size > 1 else name
+    """The engine that runs: ``single`` with several processes means ``ddp``, ``ddp`` with one means ``single``."""
+    if name == "single" and world_size > 1:
+        return "ddp"
+    if name == "ddp" and world_size == 1:
+        return "single"
+    return name
 
 
 def check_resumable(checkpoint: Path, saved: tuple[str | None, int | None], current: tuple[str, int]) -> None:

@@ -13,6 +13,7 @@ from llava_ndino.train.engine import (
     ZERO_ENGINES,
     check_resumable,
     deepspeed_config,
+    engine_name,
     resolve_batch,
 )
 from llava_ndino.train.loop import train
@@ -71,6 +72,11 @@ def test_bad_deepspeed_config_is_named(tmp_path: Path) -> None:
         deepspeed_config("zero2", str(bad), 1, 1, 1.0)
     with pytest.raises(ValueError, match="cannot read DeepSpeed config"):
         deepspeed_config("zero2", str(tmp_path / "missing.json"), 1, 1, 1.0)
+
+
+def test_engine_name_follows_the_world_size() -> None:
+    assert engine_name("single", 4) == "ddp" and engine_name("ddp", 1) == "single"
+    assert engine_name("zero3", 1) == "zero3" and engine_name("single", 1) == "single"
 
 
 def test_unknown_engine_names_the_choices() -> None:
