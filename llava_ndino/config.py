@@ -211,13 +211,16 @@ class RunConfig:
     """Preference optimisation settings."""
 
 
+ENGINES: tuple[str, ...] = ("single", "ddp", "zero2", "zero2_offload", "zero3", "zero3_offload")
+"""Values of ``engine``: one process, DDP, and the DeepSpeed ZeRO configs in launch/deepspeed/."""
+
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.source": ("components", "llava", "tiny", "causal_lm"),
     "objective": ("vlm_sft", "clm", "sft", "dpo"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "data.template": tuple(TEMPLATES),
-    "engine": ("single", "ddp", "zero2", "zero2_offload", "zero3", "zero3_offload"),
+    "engine": ENGINES,
     "data.synthetic": ("shapes",),
     "train.schedule": ("cosine", "linear", "constant"),
     "train.trainable": ("projector", "vision", "llm", "newline"),

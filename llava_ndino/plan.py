@@ -25,11 +25,12 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from llava_ndino.config import ENGINES as RUN_ENGINES
 from llava_ndino.config import RunConfig, load_config
 from llava_ndino.model.dimensions import ModelShape, TextShape, VisionShape, model_shape, preset_shape
 
 GIB = 2**30
-ENGINES = ("ddp", "zero2", "zero2_offload", "zero3", "zero3_offload")
+ENGINES = tuple(name for name in RUN_ENGINES if name != "single")
 """Table order of the engines."""
 PREFERENCE = ("ddp", "zero2", "zero3", "zero2_offload", "zero3_offload")
 """Least communication first: the recommendation takes the first one that fits."""

@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from llava_ndino.config import ENGINES
+
 log = logging.getLogger(__name__)
 
 
@@ -174,8 +176,7 @@ def resolve_batch(per_device: int, grad_accum: int, global_batch: int, world_siz
     return per_device, per_rank // per_device
 
 
-ZERO_ENGINES = ("zero2", "zero2_offload", "zero3", "zero3_offload")
-ENGINES = ("single", "ddp", *ZERO_ENGINES)
+ZERO_ENGINES = tuple(name for name in ENGINES if name.startswith("zero"))
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 SHARDS_DIR = "zero"
 
