@@ -94,10 +94,14 @@ class Task:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Summed loss over the batch's targets, plus summed statistics to log (divided by targets).
 
-        The default is next-token cross-entropy on the label tokens (every objective but DPO).
+        The default is next-token cross-entropy on the label tokens (every objective but DPO). The
+        language-model head runs only at the positions that predict a label (see
+        :func:`label_positions`): the logits are the largest activation of a long sequence with a
+        128k vocabulary, and the prompt and image positions carry no loss.
         """
-        logits = module(**model_inputs(batch), use_cache=False).logits
-        return token_loss_sum(logits, batch["labels"]), {}
+        positions = label_positions(batch["labels"])
+        logits = module(**model_inputs(batch), use_cache=False, logits_to_keep=positions).logits
+        return token_loss_sum(logits, batch["labels"], positions), {}
 
     def targets(self, batch: dict[str, torch.Tensor]) -> int:
         """How many targets ``loss_sum`` sums over for ``batch`` (by default, label tokens)."""
@@ -108,12 +112,29 @@ class Task:
         raise NotImplementedError
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy of ``logits`` against ``labels`` (``-100`` ignored), in fp32."""
-    shifted = logits[:, :-1].float()
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Sequence positions whose next token is a label in any row of ``labels`` (sorted, 1-D).
+
+    Passed as ``logits_to_keep``, they make the model compute logits only where the loss needs them.
+    """
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+
+
+def token_loss_sum(
+    logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Summed next-token cross-entropy of ``logits`` against ``labels`` (``-100`` ignored), in fp32.
+
+    ``logits`` cover every position, or only ``positions`` (from :func:`label_positions`) when given.
+    """
+    if positions is None:
+        shifted, targets = logits[:, :-1], labels[:, 1:]
+    else:
+        shifted, targets = logits, labels[:, positions + 1]
+    shifted = shifted.float()
     return F.cross_entropy(
         shifted.reshape(-1, shifted.shape[-1]),
-        labels[:, 1:].reshape(-1),
+        targets.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )

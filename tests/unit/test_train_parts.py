@@ -22,7 +22,7 @@ from llava_ndino.data.dataset import (
 from llava_ndino.data.encode import ConversationEncoder
 from llava_ndino.train.loop import SkipTracker
 from llava_ndino.train.model_setup import apply_trainable, build_model, param_groups
-from llava_ndino.train.tasks import token_loss_sum
+from llava_ndino.train.tasks import label_positions, make_task, token_loss_sum
 
 TINY = ["recipe=demo", "output_dir=unused", "model.tiny_hidden_size=64", "data.synthetic_image_size=112"]
 
@@ -129,3 +129,31 @@ def test_accumulated_loss_equals_one_big_batch(tiny_vlm) -> None:
     whole = grads([collate(samples)])
     split = grads([collate(samples[:2]), collate(samples[2:])])
     torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_on_label_positions_only_equals_full_logits(tiny_vlm) -> None:
+    """The task's loss computes logits only where a label follows; loss and gradients are unchanged."""
+    cfg, model, processor = tiny_vlm
+    apply_trainable(model, ["projector", "llm", "vision", "newline"])
+    dataset = EncodedDataset(
+        ShapesRecords(3, seed=7, image_size=112), ConversationEncoder(processor, "llama3", 1024)
+    )
+    samples = [dataset[i] for i in range(3)]
+    samples[2].labels = torch.full_like(samples[2].labels, -100)  # a row with no answer at all
+    batch = Collator(processor.tokenizer.pad_token_id)(samples).tensors
+    positions = label_positions(batch["labels"])
+    assert 0 < len(positions) < batch["labels"].shape[1] - 1
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    full = loss_and_grads(lambda: token_loss_sum(model(**inputs).logits, batch["labels"]))
+    task = make_task(cfg)
+    kept = loss_and_grads(lambda: task.loss_sum(model, batch)[0])
+    torch.testing.assert_close(kept[0], full[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kept[1], full[1], rtol=1e-5, atol=1e-7)
+    assert model(**inputs, logits_to_keep=positions).logits.shape[1] == len(positions)
