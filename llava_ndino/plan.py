@@ -11,8 +11,10 @@ the model folders' ``config.json`` files, the tiny model of a ``model.source=tin
 * activations of one micro-batch at ``data.max_length``: what autograd saves in each LLaMA decoder
   and CLIP encoder layer (Korthikanti et al.'s count redone for RMSNorm/LayerNorm, SwiGLU/QuickGELU
   and SDPA, checked tensor by tensor on CPU), the additive attention mask SDPA keeps per layer for
-  padded rows, and the loss: 3 fp32 copies of the logits at the backward's start. With gradient
-  checkpointing only each layer's input is kept, plus one layer's recomputation;
+  padded rows, and the loss: 3 fp32 copies of the logits at the backward's start. The logits are
+  counted at every token, an upper bound: the loss computes them only at positions a label follows
+  (``logits_to_keep``), so conversations whose answers are a small part of each row need less. With
+  gradient checkpointing only each layer's input is kept, plus one layer's recomputation;
 * other: engine buffers (DDP's gradient buckets, ZeRO's communication buckets and ZeRO-3's
   gathered layers, sized from ``launch/deepspeed/*.json``) and a fixed allowance for the CUDA
   context, NCCL and allocator fragmentation.
