@@ -1,9 +1,9 @@
 """Training-step time with logits at every position (baseline) against logits only where a label
 follows (what the loss does, through ``logits_to_keep``), on the same model and batch.
 
-Two cases: the demo's tiny VLM on a batch of 16 shapes dialogues, and a text LM with a
-LLaMA-3-sized vocabulary share of the work (vocabulary 32,768) on 4 rows of 1,024 tokens whose last
-quarter is the answer. Each prints the median step time of both ways, the speed-up, and how many
+Two cases: the demo's tiny VLM on a batch of 16 shapes dialogues, and a small text LM with a
+32,768-token vocabulary (the head dominates, as LLaMA-3's 128k vocabulary does at scale) on 4 rows
+of 1,024 tokens whose last quarter is the answer. Each prints the median step time of both ways, the speed-up, and how many
 logit rows each computes. Run:
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/label_logits.py [--repeats 7]
