@@ -143,6 +143,8 @@ class TrainConfig:
     """Log metrics every N optimizer steps."""
     save_every: int = 500
     """Save a checkpoint every N optimizer steps."""
+    save_last: bool = True
+    """Save a checkpoint when training ends (false only for benchmarks and dry runs: nothing is kept)."""
     keep_last: int = 3
     """Number of most recent checkpoints to keep."""
     cpu_threads: int = 0

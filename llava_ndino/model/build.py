@@ -151,9 +151,13 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, eos: int | list[int] | No
 
 
 def resize_embeddings_to_mean(model: PreTrainedModel, new_size: int) -> None:
-    """Resize input and output embeddings to ``new_size``; new rows are the mean of the old rows."""
+    """Grow input and output embeddings to ``new_size`` rows; new rows are the mean of the old rows.
+
+    A padded vocabulary (more rows than the tokenizer has tokens, e.g. 128320 for 128256 tokens)
+    already has room for the new tokens and is kept as it is, never shrunk.
+    """
     old_size = model.get_input_embeddings().weight.shape[0]
-    if new_size == old_size:
+    if new_size <= old_size:
         return
     model.resize_token_embeddings(new_size, mean_resizing=False)
     with torch.no_grad():

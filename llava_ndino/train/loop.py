@@ -274,6 +274,7 @@ class Window:
         self.sums: Counter[str] = Counter(
             dict.fromkeys(("loss", "targets", "tokens", "padded", "samples", "flops"), 0)
         )
+        self.steps = 0
         self.start = time.perf_counter()
 
     def add_batch(self, batch: dict[str, torch.Tensor], flops: float) -> None:
@@ -295,10 +296,14 @@ class Window:
         values["tokens_per_s"] = round(totals.get("tokens", 0.0) / elapsed, 1)
         values["samples_per_s"] = round(totals.get("samples", 0.0) / elapsed, 2)
         values["pad_fraction"] = round(1 - totals.get("tokens", 0.0) / max(totals.get("padded", 0.0), 1.0), 4)
+        values["step_s"] = round(elapsed / max(self.steps, 1), 4)
         peak = peak_flops()
         values["mfu"] = (
             round(totals.get("flops", 0.0) / elapsed / (peak * engine.world_size), 4) if peak else None
         )
+        if engine.device.type == "cuda":
+            values["mem_peak_gib"] = round(torch.cuda.max_memory_allocated(engine.device) / 2**30, 2)
+            values["mem_reserved_gib"] = round(torch.cuda.max_memory_reserved(engine.device) / 2**30, 2)
         return values
 
 
@@ -349,6 +354,7 @@ def _loop(run: Run, batches, metrics: MetricsLogger, termination, step: int, con
             )
             window.add_batch(batch, task.flops(batch))
         window.sums["targets"] += local_targets
+        window.steps += 1
         grad_norm = engine.clip_and_step(train_cfg.max_grad_norm)
         scheduler.step()
         step += 1
@@ -368,7 +374,7 @@ def _loop(run: Run, batches, metrics: MetricsLogger, termination, step: int, con
             _save(run, step, consumed)
             bar.close()
             return TrainResult(run.run_dir, step, "preempted", last_loss)
-        if step % train_cfg.save_every == 0 or step == train_cfg.max_steps:
+        if step % train_cfg.save_every == 0 or (step == train_cfg.max_steps and train_cfg.save_last):
             _save(run, step, consumed)
     bar.close()
     return TrainResult(run.run_dir, step, "completed", last_loss)

@@ -82,6 +82,8 @@ def test_text_recipe_trains_two_steps_from_the_command_line(
     assert main(["train", *args, "train.max_steps=2", f"output_dir={run_dir}"]) == 0
     last = _metrics(run_dir)[2]
     assert math.isfinite(last["loss"]) and last["loss"] > 0 and last["tokens_per_s"] > 0
+    assert {"step", "lr", "grad_norm", "samples_per_s", "step_s", "pad_fraction"} <= last.keys()
+    assert last["step_s"] > 0 and "mem_peak_gib" not in last, "memory is logged on CUDA only"
     state = load_file(str(latest_checkpoint(run_dir) / "model.safetensors"))
     if load_config([f"recipe={name}", "train.max_steps=1"]).lora.enabled:
         assert state and all("lora_" in key for key in state), "adapter runs store only the adapters"
@@ -227,3 +229,16 @@ def test_dpo_raises_reward_accuracy_and_margin(tiny_dirs, text_data, tmp_path: P
     assert last["reward_accuracy"] > 0.5 and last["reward_accuracy"] > first["reward_accuracy"]
     assert last["reward_margin"] > 2 * max(first["reward_margin"], 0.01)
     assert last["loss"] < math.log(2)
+
+
+def test_save_last_false_trains_without_writing_a_checkpoint(tiny_dirs, text_data, tmp_path: Path) -> None:
+    """Benchmarks and dry runs switch the final checkpoint off; metrics are still logged."""
+    run_dir = tmp_path / "run"
+    args = [
+        "recipe=llamantino2_dolly",
+        f"model.llm={tiny_dirs['llm']}",
+        f"data.path={text_data['instructions']}",
+    ]
+    assert main(["train", *args, "train.max_steps=2", "train.save_last=false", f"output_dir={run_dir}"]) == 0
+    assert latest_checkpoint(run_dir) is None
+    assert 2 in _metrics(run_dir)

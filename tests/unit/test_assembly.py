@@ -123,6 +123,26 @@ def test_new_embedding_rows_are_the_mean(loaded, tiny_dirs):
             torch.testing.assert_close(row, mean)
 
 
+def test_padded_vocabulary_is_kept_not_shrunk(tiny_dirs, tmp_path):
+    """An LLM with spare embedding rows (like LLaVA-NeXT-8B's 128320 for 128256 tokens) keeps them all."""
+    from llava_ndino.model.build import resize_embeddings_to_mean
+
+    llm = LlamaForCausalLM.from_pretrained(tiny_dirs["llm"], dtype=torch.float32)
+    rows = llm.get_input_embeddings().weight.shape[0]
+    llm.resize_token_embeddings(rows + 64, mean_resizing=False)
+    padded = llm.get_input_embeddings().weight.detach().clone()
+    llm.save_pretrained(tmp_path / "llm")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_dirs["llm"] / name).is_file():
+            shutil.copy(tiny_dirs["llm"] / name, tmp_path / "llm" / name)
+    model, processor = assemble_from_folders(str(tiny_dirs["vision"]), tmp_path / "llm")
+    assert len(processor.tokenizer) < rows + 64
+    assert model.config.image_token_index < rows + 64
+    torch.testing.assert_close(model.get_input_embeddings().weight, padded, atol=0, rtol=0)
+    resize_embeddings_to_mean(llm, rows + 65)
+    assert llm.get_input_embeddings().weight.shape[0] == rows + 65
+
+
 def test_generation_config_stops_on_eot(cli_dir, loaded, processor):
     tok = processor.tokenizer
     eot, end = tok.convert_tokens_to_ids(EOT), tok.convert_tokens_to_ids(END_OF_TEXT)
