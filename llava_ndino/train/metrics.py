@@ -27,8 +27,13 @@ def peak_flops() -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
+def numel(param: torch.Tensor) -> int:
+    """Elements of ``param``; under DeepSpeed ZeRO-3 its full size (``ds_numel``), not the empty local shard."""
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
 def _count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    return sum(numel(p) for p in module.parameters())
 
 
 def lm_flops(
@@ -54,7 +59,7 @@ def flops_per_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
     """Model FLOPs of one training micro-batch (forward + backward) of a LlavaNext model."""
     inner = model.model
     text_cfg = model.config.get_text_config()
-    lm_params = _count(inner.language_model) - inner.language_model.get_input_embeddings().weight.numel()
+    lm_params = _count(inner.language_model) - numel(inner.language_model.get_input_embeddings().weight)
     lm_params += _count(model.lm_head)
     flops = lm_flops(lm_params, text_cfg, batch["attention_mask"], batch.get("position_ids"))
     pixels = batch.get("pixel_values")
