@@ -219,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  gpus=N           total GPUs, i.e. the world size (default 1)\n"
         "  gpus_per_node=N  GPUs per node, for the host RAM per node (default 4, Leonardo)\n"
         "  gpu_mem_gb=G     memory per GPU in GiB (default 64, Leonardo's A100 64 GB)\n"
-        "  model_preset=ndino-8b  use the built-in shapes even when the model folders exist\n\n"
+        "  model_preset=ndino-8b  use the built-in shapes even when the model folders exist\n"
+        "  logit_fraction=F share of positions whose logits the loss computes (default 1, the upper\n"
+        "                   bound; a run's metrics.jsonl logs the real share as logit_fraction)\n\n"
         "examples:\n  ndino plan recipe=long_it gpus=8\n"
         "  ndino plan recipe=adapt gpus=16 gpu_mem_gb=80 train.per_device_batch_size=1",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -11,10 +11,11 @@ the model folders' ``config.json`` files, the tiny model of a ``model.source=tin
 * activations of one micro-batch at ``data.max_length``: what autograd saves in each LLaMA decoder
   and CLIP encoder layer (Korthikanti et al.'s count redone for RMSNorm/LayerNorm, SwiGLU/QuickGELU
   and SDPA, checked tensor by tensor on CPU), the additive attention mask SDPA keeps per layer for
-  padded rows, and the loss: 3 fp32 copies of the logits at the backward's start. The logits are
-  counted at every token, an upper bound: the loss computes them only at positions a label follows
-  (``logits_to_keep``), so conversations whose answers are a small part of each row need less. With
-  gradient checkpointing only each layer's input is kept, plus one layer's recomputation;
+  padded rows, and the loss: 3 fp32 copies of the logits at the backward's start. The loss
+  computes logits only at the positions a label follows (``logits_to_keep``); the ``logit_fraction``
+  key is their share of the micro-batch's positions. Its default 1 (every position) is the upper
+  bound; training logs the real share as ``logit_fraction`` in ``metrics.jsonl``. With gradient
+  checkpointing only each layer's input is kept, plus one layer's recomputation;
 * other: engine buffers (DDP's gradient buckets, ZeRO's communication buckets and ZeRO-3's
   gathered layers, sized from ``launch/deepspeed/*.json``) and a fixed allowance for the CUDA
   context, NCCL and allocator fragmentation.
@@ -42,7 +43,7 @@ HOST_PER_RANK_BYTES = 8 * GIB
 """Host RAM per rank besides offloaded states: the process, CUDA host libraries, data-loader workers."""
 TILES_PER_IMAGE = 5
 """anyres worst case: the base tile plus a 2x2 grid (672x672 for 336 px tiles)."""
-PLAN_KEYS = {"gpus": 1, "gpus_per_node": 4, "gpu_mem_gb": 64.0, "model_preset": None}
+PLAN_KEYS = {"gpus": 1, "gpus_per_node": 4, "gpu_mem_gb": 64.0, "model_preset": None, "logit_fraction": 1.0}
 """`ndino plan` keys that are not recipe keys, with their defaults (Leonardo: 4 A100 64 GB per node)."""
 DS_DEFAULTS = {
     "reduce_bucket_size": 5e8,
@@ -89,6 +90,8 @@ class Workload:
     """Images in the micro-batch; each runs TILES_PER_IMAGE tiles through the tower."""
     attn: str = "sdpa"
     """Attention kernel: sdpa, eager or flash_attention_2."""
+    logit_fraction: float = 1.0
+    """Share of the positions whose logits the loss computes (1: every position, the upper bound)."""
 
     @property
     def tokens(self) -> int:
@@ -196,7 +199,7 @@ def activation_parts(
             layer = vision_layer_bytes(vision, work.images * TILES_PER_IMAGE, a, work.attn)
             layers += vision.layers * (r * vision.hidden * tokens if checkpointing else layer)
             recompute = max(recompute, layer)
-    logits = work.tokens * text.vocab
+    logits = work.tokens * work.logit_fraction * text.vocab
     return {
         "layers": layers,
         "log-probs": 4.0 * logits,
@@ -279,6 +282,7 @@ class PlanRequest:
     gpus_per_node: int
     gpu_mem_gb: float
     model_preset: str | None
+    logit_fraction: float = 1.0
 
 
 def parse_plan_args(tokens: list[str]) -> tuple[PlanRequest, list[str]]:
@@ -297,7 +301,10 @@ def parse_plan_args(tokens: list[str]) -> tuple[PlanRequest, list[str]]:
         int(_number(values["gpus_per_node"], "gpus_per_node", int)),
         _number(values["gpu_mem_gb"], "gpu_mem_gb", float),
         str(preset) if preset not in (None, "", "null") else None,
+        _number(values["logit_fraction"], "logit_fraction", float),
     )
+    if request.logit_fraction > 1:
+        raise ValueError(f"logit_fraction is a share of positions in (0, 1], got {request.logit_fraction:g}")
     if request.model_preset is not None:
         preset_shape(request.model_preset)  # an unknown name fails before the recipe loads
     return request, recipe
@@ -325,13 +332,14 @@ def trainable_parts(cfg: RunConfig) -> set[str]:
     return {"llm"} if cfg.model.source == "causal_lm" else set(cfg.train.trainable)
 
 
-def workload(cfg: RunConfig, per_device: int, vision: bool) -> Workload:
+def workload(cfg: RunConfig, per_device: int, vision: bool, logit_fraction: float = 1.0) -> Workload:
     """The micro-batch of ``cfg`` at ``data.max_length``; packing puts it in rows of ``data.pack_length``."""
     rows, row_tokens = per_device, cfg.data.max_length
     if cfg.data.packing:
         row_tokens = cfg.data.pack_length or per_device * cfg.data.max_length
         rows = math.ceil(per_device * cfg.data.max_length / row_tokens)
-    return Workload(rows, row_tokens, per_device if vision else 0, cfg.model.attn_implementation)
+    attn = cfg.model.attn_implementation
+    return Workload(rows, row_tokens, per_device if vision else 0, attn, logit_fraction)
 
 
 def recipe_choice(cfg: RunConfig) -> tuple[str, bool]:
@@ -360,7 +368,7 @@ def format_plan(cfg: RunConfig, request: PlanRequest) -> str:
     per_device, accum = resolve_batch(
         train.per_device_batch_size, train.grad_accum, train.global_batch_size, request.gpus
     )
-    work = workload(cfg, per_device, shape.vision is not None)
+    work = workload(cfg, per_device, shape.vision is not None, request.logit_fraction)
     precision = Precision.for_gpu(weight_bytes(cfg))
     rows = [
         estimate(shape, trainable, work, precision, engine, ckpt, request.gpus, zero_settings(engine, cfg))
@@ -375,6 +383,12 @@ def format_plan(cfg: RunConfig, request: PlanRequest) -> str:
         *_describe(cfg, request, shape, trainable, precision),
         f"micro-batch: {per_device} x {cfg.data.max_length} tokens (data.max_length, the worst case), "
         f"{layout}, {work.attn}{images}",
+        f"logits at {work.logit_fraction:.0%} of positions (logit_fraction="
+        + (
+            "1, the upper bound; a run logs its real share as logit_fraction in metrics.jsonl)"
+            if work.logit_fraction == 1
+            else f"{work.logit_fraction:g})"
+        ),
         f"activations with checkpointing {'on' if train.gradient_checkpointing else 'off'} (the recipe's): "
         + ", ".join(f"{name} {value / GIB:.1f} GiB" for name, value in activations.items()),
         f"global batch: {per_device} per GPU x {accum} accumulation x {_n(request.gpus, 'GPU')} = "

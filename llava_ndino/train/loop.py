@@ -272,17 +272,19 @@ class Window:
     def reset(self) -> None:
         """Start a new logging window."""
         self.sums: Counter[str] = Counter(
-            dict.fromkeys(("loss", "targets", "tokens", "padded", "samples", "flops"), 0)
+            dict.fromkeys(("loss", "targets", "tokens", "padded", "samples", "flops", "logits"), 0)
         )
         self.steps = 0
         self.start = time.perf_counter()
 
-    def add_batch(self, batch: dict[str, torch.Tensor], flops: float) -> None:
-        """Count a micro-batch's real tokens, padded size, samples and FLOPs."""
+    def add_batch(self, batch: dict[str, torch.Tensor], flops: float, logits: int) -> None:
+        """Count a micro-batch's real tokens, padded size, samples, FLOPs and positions with logits."""
         mask = batch["attention_mask"]
         packed = batch.get("position_ids")
         samples = int((packed == 0).sum()) if packed is not None else mask.shape[0]
-        self.sums.update(tokens=int(mask.sum()), padded=mask.numel(), samples=samples, flops=flops)
+        self.sums.update(
+            tokens=int(mask.sum()), padded=mask.numel(), samples=samples, flops=flops, logits=logits
+        )
 
     def values(self, engine: Engine) -> dict[str, float]:
         """Reduced per-second rates, the mean loss per target and the mean of every task statistic."""
@@ -296,6 +298,7 @@ class Window:
         values["tokens_per_s"] = round(totals.get("tokens", 0.0) / elapsed, 1)
         values["samples_per_s"] = round(totals.get("samples", 0.0) / elapsed, 2)
         values["pad_fraction"] = round(1 - totals.get("tokens", 0.0) / max(totals.get("padded", 0.0), 1.0), 4)
+        values["logit_fraction"] = round(totals.get("logits", 0.0) / max(totals.get("padded", 0.0), 1.0), 4)
         values["step_s"] = round(elapsed / max(self.steps, 1), 4)
         peak = peak_flops()
         values["mfu"] = (
@@ -352,7 +355,7 @@ def _loop(run: Run, batches, metrics: MetricsLogger, termination, step: int, con
             window.sums.update(
                 {"loss": float(loss_sum.detach()), **{f"stat/{k}": v for k, v in stats.items()}}
             )
-            window.add_batch(batch, task.flops(batch))
+            window.add_batch(batch, task.flops(batch), task.logit_tokens(batch))
         window.sums["targets"] += local_targets
         window.steps += 1
         grad_norm = engine.clip_and_step(train_cfg.max_grad_norm)

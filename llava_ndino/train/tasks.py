@@ -107,6 +107,10 @@ class Task:
         """How many targets ``loss_sum`` sums over for ``batch`` (by default, label tokens)."""
         return count_label_tokens(batch)
 
+    def logit_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Positions (summed over rows) at which ``loss_sum`` computes logits: the label positions."""
+        return batch["labels"].shape[0] * label_positions(batch["labels"]).numel()
+
     def flops(self, batch: dict[str, torch.Tensor]) -> float:
         """Model FLOPs of a forward+backward pass over ``batch`` (for MFU)."""
         raise NotImplementedError

@@ -216,6 +216,10 @@ class DpoTask(TextTask):
     def targets(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["input_ids"].shape[0] // 2
 
+    def logit_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Every position: sequence log-probabilities need the policy's full logits."""
+        return batch["input_ids"].numel()
+
     def flops(self, batch: dict[str, torch.Tensor]) -> float:
         return super().flops(batch) * 4 / 3  # plus the reference forward: 2N of the 6N per token
 

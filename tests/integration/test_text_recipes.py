@@ -84,6 +84,7 @@ def test_text_recipe_trains_two_steps_from_the_command_line(
     assert math.isfinite(last["loss"]) and last["loss"] > 0 and last["tokens_per_s"] > 0
     assert {"step", "lr", "grad_norm", "samples_per_s", "step_s", "pad_fraction"} <= last.keys()
     assert last["step_s"] > 0 and "mem_peak_gib" not in last, "memory is logged on CUDA only"
+    assert 0 < last["logit_fraction"] <= 1
     state = load_file(str(latest_checkpoint(run_dir) / "model.safetensors"))
     if load_config([f"recipe={name}", "train.max_steps=1"]).lora.enabled:
         assert state and all("lora_" in key for key in state), "adapter runs store only the adapters"

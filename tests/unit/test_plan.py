@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -176,6 +177,26 @@ def test_loss_and_layer_terms_scale_as_counted():
     assert ddp.other == ddp.grads + CONTEXT_BYTES  # DDP's buckets copy the gradients
 
 
+def test_logit_fraction_scales_only_the_loss_terms():
+    """The loss keeps logits at label positions only; logit_fraction says which share that is."""
+    shape = PRESETS["ndino-8b"]
+    full = activation_parts(shape, ALL, WORK, BF16, checkpointing=False)
+    quarter = activation_parts(shape, ALL, replace(WORK, logit_fraction=0.25), BF16, checkpointing=False)
+    assert quarter["log-probs"] == full["log-probs"] / 4
+    assert quarter["backward peak"] == full["backward peak"] / 4
+    assert quarter["layers"] == full["layers"]
+
+
+def test_cli_logit_fraction_lowers_the_estimate(capsys):
+    args = ("recipe=demo", "model_preset=ndino-8b", "data.max_length=4096", "train.per_device_batch_size=1")
+    _, upper, _ = _plan(capsys, *args)
+    _, lower, _ = _plan(capsys, *args, "logit_fraction=0.2")
+    assert "logits at 100% of positions (logit_fraction=1, the upper bound" in upper
+    assert "logits at 20% of positions (logit_fraction=0.2)" in lower
+    totals = [[float(m[9]) for m in _rows(text)] for text in (upper, lower)]
+    assert all(low < high for low, high in zip(totals[1], totals[0], strict=True))
+
+
 def _rows(text: str) -> list[re.Match]:
     return [m for line in text.splitlines() if (m := ROW.match(line))]
 
@@ -235,6 +256,8 @@ def test_cli_falls_back_to_the_preset_for_missing_folders(capsys, tmp_path: Path
         (["gpu_mem_gb=-3"], "gpu_mem_gb must be a number > 0"),
         (["model_preset=llama-70b"], "unknown model_preset 'llama-70b': choose from ndino-8b"),
         (["lora.enabled=true"], "LoRA/QLoRA adapters"),
+        (["logit_fraction=0"], "logit_fraction must be a number > 0"),
+        (["logit_fraction=1.5"], "logit_fraction is a share of positions in (0, 1]"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_clear_error(capsys, args, message):
