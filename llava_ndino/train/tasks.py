@@ -124,6 +124,16 @@ def label_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
 
 
+def shift_for_next_token(
+    logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits and the labels they predict: each position's next token, over every position or
+    only ``positions`` (the logits were then computed there alone, with ``logits_to_keep``)."""
+    if positions is None:
+        return logits[:, :-1].float(), labels[:, 1:]
+    return logits.float(), labels[:, positions + 1]
+
+
 def token_loss_sum(
     logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -131,11 +141,7 @@ def token_loss_sum(
 
     ``logits`` cover every position, or only ``positions`` (from :func:`label_positions`) when given.
     """
-    if positions is None:
-        shifted, targets = logits[:, :-1], labels[:, 1:]
-    else:
-        shifted, targets = logits, labels[:, positions + 1]
-    shifted = shifted.float()
+    shifted, targets = shift_for_next_token(logits, labels, positions)
     return F.cross_entropy(
         shifted.reshape(-1, shifted.shape[-1]),
         targets.reshape(-1),

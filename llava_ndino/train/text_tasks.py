@@ -35,7 +35,7 @@ from llava_ndino.model.peft_setup import add_lora, load_causal_lm
 from llava_ndino.model.tiny import mark_tokenizer_portable
 from llava_ndino.train.metrics import lm_flops
 from llava_ndino.train.model_setup import SKELETON_DIR
-from llava_ndino.train.tasks import TASKS, Task
+from llava_ndino.train.tasks import TASKS, Task, label_positions, shift_for_next_token
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +146,15 @@ class SftTask(TextTask):
         return Collator(self.tokenizer.pad_token_id, data.packing, data.pack_length)
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed log-probability of each row's labelled tokens (next-token shift, ``-100`` ignored), in fp32."""
-    per_token = F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
-    )
+def sequence_logps(
+    logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Summed log-probability of each row's labelled tokens (next-token shift, ``-100`` ignored), in fp32.
+
+    ``logits`` cover every position, or only ``positions`` (from :func:`label_positions`) when given.
+    """
+    shifted, targets = shift_for_next_token(logits, labels, positions)
+    per_token = F.cross_entropy(shifted.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
     return -per_token.sum(dim=-1)
 
 
@@ -208,17 +212,14 @@ class DpoTask(TextTask):
     def loss_sum(
         self, module: nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        inputs = model_inputs(batch)
-        policy = sequence_logps(module(**inputs, use_cache=False).logits, batch["labels"])
-        reference = sequence_logps(self.reference_logits(inputs), batch["labels"])
+        inputs, labels = model_inputs(batch), batch["labels"]
+        inputs["logits_to_keep"] = positions = label_positions(labels)  # the answers' positions only
+        policy = sequence_logps(module(**inputs, use_cache=False).logits, labels, positions)
+        reference = sequence_logps(self.reference_logits(inputs), labels, positions)
         return dpo_loss_sum(policy, reference, self.cfg.dpo.beta)
 
     def targets(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["input_ids"].shape[0] // 2
-
-    def logit_tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        """Every position: sequence log-probabilities need the policy's full logits."""
-        return batch["input_ids"].numel()
 
     def flops(self, batch: dict[str, torch.Tensor]) -> float:
         return super().flops(batch) * 4 / 3  # plus the reference forward: 2N of the 6N per token
