@@ -260,3 +260,30 @@ def test_stage_recipe_runs_under_its_own_engine(stage: str, tiny_dirs, tmp_path:
     engine = load_config([f"recipe={stage}", "output_dir=unused"]).engine
     assert f"engine {engine} on cpu; global batch 4 = 2 per device x 1 accumulation x 2 processes" in log
     assert sorted(_losses(run_dir)) == [1, 2]
+
+
+def test_full_finetune_text_recipe_runs_under_zero3(tiny_dirs, tmp_path: Path) -> None:
+    """A LLaMAntino-2 full fine-tune recipe as shipped (engine zero3) on 2 ranks, on the tiny LLM."""
+    from llava_ndino.data.text_samples import write_text_samples
+
+    data = write_text_samples(tmp_path / "data")["instructions"]
+    run_dir = tmp_path / "dolly"
+    tiny = [
+        f"model.llm={tiny_dirs['llm']}",
+        f"data.path={data}",
+        "model.dtype=float32",
+        "data.max_length=256",
+        "train.per_device_batch_size=2",
+        "train.max_steps=2",
+        "train.log_every=1",
+    ]
+    _torchrun(
+        ["launch/train.py", "recipe=llamantino2_dolly", *tiny, f"output_dir={run_dir}"], tmp_path / "log"
+    )
+    assert load_config(["recipe=llamantino2_dolly", "output_dir=unused"]).engine == "zero3"
+    assert (
+        "engine zero3 on cpu; global batch 4 = 2 per device x 1 accumulation x 2 processes"
+        in (run_dir / "train.log").read_text()
+    )
+    assert sorted(_losses(run_dir)) == [1, 2]
+    assert latest_checkpoint(run_dir) is not None

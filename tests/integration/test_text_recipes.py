@@ -79,7 +79,9 @@ def test_text_recipe_trains_two_steps_from_the_command_line(
 ) -> None:
     run_dir = tmp_path / name
     args = [f"recipe={name}", f"model.llm={tiny_dirs['llm']}", f"data.path={text_data[RECIPES[name]]}"]
-    assert main(["train", *args, "train.max_steps=2", f"output_dir={run_dir}"]) == 0
+    # in this process always engine=single: DeepSpeed ZeRO-3 patches torch process-wide; the full
+    # fine-tune recipes' own zero3 runs under torchrun in tests/distributed/test_engines.py
+    assert main(["train", *args, "engine=single", "train.max_steps=2", f"output_dir={run_dir}"]) == 0
     last = _metrics(run_dir)[2]
     assert math.isfinite(last["loss"]) and last["loss"] > 0 and last["tokens_per_s"] > 0
     assert {"step", "lr", "grad_norm", "samples_per_s", "step_s", "pad_fraction"} <= last.keys()
@@ -240,6 +242,7 @@ def test_save_last_false_trains_without_writing_a_checkpoint(tiny_dirs, text_dat
         f"model.llm={tiny_dirs['llm']}",
         f"data.path={text_data['instructions']}",
     ]
-    assert main(["train", *args, "train.max_steps=2", "train.save_last=false", f"output_dir={run_dir}"]) == 0
+    args += ["engine=single", "train.max_steps=2", "train.save_last=false", f"output_dir={run_dir}"]
+    assert main(["train", *args]) == 0
     assert latest_checkpoint(run_dir) is None
     assert 2 in _metrics(run_dir)
