@@ -11,7 +11,9 @@ the model folders' ``config.json`` files, the tiny model of a ``model.source=tin
 * activations of one micro-batch at ``data.max_length``: what autograd saves in each LLaMA decoder
   and CLIP encoder layer (Korthikanti et al.'s count redone for RMSNorm/LayerNorm, SwiGLU/QuickGELU
   and SDPA, checked tensor by tensor on CPU), the additive attention mask SDPA keeps per layer for
-  padded rows, and the loss: 3 fp32 copies of the logits at the backward's start. The loss
+  padded rows, and the loss: 3 fp32 copies of the logits at the backward's start, or, above
+  ``LOSS_CHUNK_ABOVE`` positions where the loss is chunked, the logits and their gradient in the
+  logits' dtype plus one chunk in fp32. The loss
   computes logits only at the positions a label follows (``logits_to_keep``); the ``logit_fraction``
   key is their share of the micro-batch's positions. Its default 1 (every position) is the upper
   bound; training logs the real share as ``logit_fraction`` in ``metrics.jsonl``. With gradient
@@ -31,6 +33,7 @@ from pathlib import Path
 from llava_ndino.config import ENGINES as RUN_ENGINES
 from llava_ndino.config import RunConfig, load_config
 from llava_ndino.model.dimensions import ModelShape, TextShape, VisionShape, model_shape, preset_shape
+from llava_ndino.train.tasks import LOSS_CHUNK, LOSS_CHUNK_ABOVE
 
 GIB = 2**30
 ENGINES = tuple(name for name in RUN_ENGINES if name != "single")
@@ -184,6 +187,9 @@ def activation_parts(
     norm, the boolean mask and the projector. ``log-probs``: the loss's fp32 log-probabilities.
     ``backward peak``: the larger of two transients that never coexist: the loss backward's two fp32
     gradients of the logits, and (with checkpointing) one layer's recomputed activations.
+    Above ``LOSS_CHUNK_ABOVE`` positions the loss is chunked: ``log-probs`` is then the gradient of
+    the logits, held in their dtype, and the loss's transient is the logits themselves plus one
+    chunk's fp32 upcast and log-probabilities.
     """
     a, r, text = precision.activation, precision.weight, shape.text
     llm_trains = "llm" in trainable
@@ -199,7 +205,15 @@ def activation_parts(
             layer = vision_layer_bytes(vision, work.images * TILES_PER_IMAGE, a, work.attn)
             layers += vision.layers * (r * vision.hidden * tokens if checkpointing else layer)
             recompute = max(recompute, layer)
-    logits = work.tokens * work.logit_fraction * text.vocab
+    positions = work.tokens * work.logit_fraction
+    logits = positions * text.vocab
+    if positions > LOSS_CHUNK_ABOVE:  # ChunkedCrossEntropy: one gradient in the logits' dtype, fp32 per chunk
+        chunk = 8.0 * LOSS_CHUNK * text.vocab  # a chunk's fp32 upcast and log-probabilities
+        return {
+            "layers": layers,
+            "log-probs": a * logits,
+            "backward peak": max(a * logits + chunk, recompute if checkpointing else 0.0),
+        }
     return {
         "layers": layers,
         "log-probs": 4.0 * logits,

@@ -154,7 +154,9 @@ def sequence_logps(
     ``logits`` cover every position, or only ``positions`` (from :func:`label_positions`) when given.
     """
     shifted, targets = shift_for_next_token(logits, labels, positions)
-    per_token = F.cross_entropy(shifted.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    per_token = F.cross_entropy(
+        shifted.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )
     return -per_token.sum(dim=-1)
 
 

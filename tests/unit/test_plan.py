@@ -28,6 +28,7 @@ from llava_ndino.plan import (
     vision_layer_bytes,
 )
 from llava_ndino.train.model_setup import build_model, part_modules
+from llava_ndino.train.tasks import LOSS_CHUNK, LOSS_CHUNK_ABOVE
 
 BF16 = Precision.for_gpu(2)
 ALL = {"vision", "projector", "llm", "newline"}
@@ -167,10 +168,17 @@ def test_offload_lowers_gpu_memory_and_raises_host_memory():
 
 def test_loss_and_layer_terms_scale_as_counted():
     shape = PRESETS["ndino-8b"]
-    tokens, vocab = WORK.tokens, shape.text.vocab
+    vocab = shape.text.vocab
+    short = Workload(rows=1, row_tokens=LOSS_CHUNK_ABOVE, images=1)  # one-pass loss: 3 fp32 copies
+    parts = activation_parts(shape, ALL, short, BF16, checkpointing=True)
+    assert parts["log-probs"] == 4 * short.tokens * vocab
+    assert (
+        parts["backward peak"] == 8 * short.tokens * vocab
+    )  # the loss gradients exceed one layer's recompute
+    tokens = WORK.tokens  # above LOSS_CHUNK_ABOVE: chunked, the gradient in bf16 plus one fp32 chunk
     parts = activation_parts(shape, ALL, WORK, BF16, checkpointing=True)
-    assert parts["log-probs"] == 4 * tokens * vocab
-    assert parts["backward peak"] == 8 * tokens * vocab  # the loss gradients exceed one layer's recompute
+    assert parts["log-probs"] == 2 * tokens * vocab
+    assert parts["backward peak"] == 2 * tokens * vocab + 8 * LOSS_CHUNK * vocab
     kept_inputs = 32 * 2 * 4096 * tokens + 24 * 2 * 1024 * WORK.images * 5 * 577
     assert parts["layers"] > kept_inputs
     ddp = estimate(shape, ALL, WORK, CPU_FP32, "ddp", False, 1)
@@ -183,7 +191,8 @@ def test_logit_fraction_scales_only_the_loss_terms():
     full = activation_parts(shape, ALL, WORK, BF16, checkpointing=False)
     quarter = activation_parts(shape, ALL, replace(WORK, logit_fraction=0.25), BF16, checkpointing=False)
     assert quarter["log-probs"] == full["log-probs"] / 4
-    assert quarter["backward peak"] == full["backward peak"] / 4
+    chunk = 8 * LOSS_CHUNK * shape.text.vocab  # both are chunked: the fp32 chunk does not scale
+    assert quarter["backward peak"] - chunk == (full["backward peak"] - chunk) / 4
     assert quarter["layers"] == full["layers"]
 
 

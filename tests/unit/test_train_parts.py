@@ -157,3 +157,34 @@ def test_loss_on_label_positions_only_equals_full_logits(tiny_vlm) -> None:
     torch.testing.assert_close(kept[0], full[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(kept[1], full[1], rtol=1e-5, atol=1e-7)
     assert model(**inputs, logits_to_keep=positions).logits.shape[1] == len(positions)
+
+
+def test_chunked_loss_equals_one_pass(tiny_vlm, monkeypatch) -> None:
+    """Above LOSS_CHUNK_ABOVE positions the loss runs chunk by chunk (ChunkedCrossEntropy); loss and
+    gradients equal the one-pass loss (forced here with tiny chunks, uneven last chunk included)."""
+    from llava_ndino.train import tasks
+
+    cfg, model, processor = tiny_vlm
+    apply_trainable(model, ["projector", "llm", "vision", "newline"])
+    dataset = EncodedDataset(
+        ShapesRecords(2, seed=3, image_size=112), ConversationEncoder(processor, "llama3", 1024)
+    )
+    batch = Collator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(2)]).tensors
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = token_loss_sum(model(**inputs).logits, batch["labels"])
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    one_pass = loss_and_grads()
+    monkeypatch.setattr(tasks, "LOSS_CHUNK_ABOVE", 8)
+    monkeypatch.setattr(tasks, "LOSS_CHUNK", 7)
+    applied = []
+    original = tasks.ChunkedCrossEntropy.apply
+    monkeypatch.setattr(tasks.ChunkedCrossEntropy, "apply", lambda *a: applied.append(a[2]) or original(*a))
+    chunked = loss_and_grads()
+    assert applied == [7]
+    torch.testing.assert_close(chunked[0], one_pass[0], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(chunked[1], one_pass[1], rtol=1e-5, atol=1e-7)
