@@ -15,8 +15,6 @@ both ways in the same run, and prints peak live tensor bytes (tracked op by op, 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
@@ -29,6 +27,7 @@ def _peak_and_time(
     logits: torch.Tensor, targets: torch.Tensor, chunked: bool, repeats: int
 ) -> tuple[int, float]:
     """Peak bytes allocated during forward+backward of the loss, and its median wall time."""
+    from label_logits import _median_seconds
     from memory_plan import _make_tracker
 
     tasks.LOSS_CHUNK_ABOVE = 4096 if chunked else 10**12
@@ -40,12 +39,7 @@ def _peak_and_time(
 
     with _make_tracker()() as tracker:
         step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return tracker.peak, statistics.median(times)
+    return tracker.peak, _median_seconds(step, repeats)
 
 
 def main() -> None:
