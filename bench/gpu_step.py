@@ -40,16 +40,10 @@ ANCHOR_IMAGE_TOKENS = 2928
 
 def write_components(out: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     """Write the random CLIP tower and LLaMA-3-shaped LM folders (with the tiny tokenizer) under ``out``."""
-    from transformers import (
-        CLIPVisionConfig,
-        CLIPVisionModel,
-        GenerationConfig,
-        LlamaConfig,
-        LlamaForCausalLM,
-    )
+    from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from llava_ndino.model.tiny import mark_tokenizer_portable, tiny_image_processor
-    from llava_ndino.model.tokenizer import END_OF_TEXT, EOT, train_tiny_tokenizer
+    from llava_ndino.model.tiny import llama3_lm, mark_tokenizer_portable, tiny_image_processor
+    from llava_ndino.model.tokenizer import train_tiny_tokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # bf16 as LLaMA-3 ships; fp32 for CPU
@@ -65,20 +59,6 @@ def write_components(out: Path, args: argparse.Namespace) -> tuple[Path, Path]:
         hidden_act="quick_gelu",
     )
     tokenizer = train_tiny_tokenizer()
-    stop_ids = [tokenizer.convert_tokens_to_ids(END_OF_TEXT), tokenizer.convert_tokens_to_ids(EOT)]
-    text_config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=4 * args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64,
-        num_key_value_heads=min(8, args.hidden // 64),
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=stop_ids,
-        tie_word_embeddings=False,
-    )
     torch.manual_seed(0)
     vision_dir, llm_dir = out / "vision", out / "llm"
     with torch.device(device):
@@ -86,9 +66,11 @@ def write_components(out: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     vision.to(dtype).save_pretrained(vision_dir)
     tiny_image_processor(336).save_pretrained(vision_dir)
     del vision
+    heads = args.hidden // 64
     with torch.device(device):
-        llm = LlamaForCausalLM(text_config)
-    llm.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_ids)
+        llm = llama3_lm(
+            tokenizer, args.hidden, 4 * args.hidden, args.layers, heads, min(8, heads), args.vocab
+        )
     llm.to(dtype).save_pretrained(llm_dir)
     del llm
     tokenizer.save_pretrained(llm_dir)

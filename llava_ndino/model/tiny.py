@@ -73,16 +73,25 @@ def tiny_image_processor(image_size: int) -> CLIPImageProcessor:
     )
 
 
-def tiny_llm(tokenizer: PreTrainedTokenizerFast, sizes: TinySizes) -> LlamaForCausalLM:
-    """Return a random LLaMA-3-shaped causal LM (GQA, untied head, rope theta 500k) for ``tokenizer``."""
+def llama3_lm(
+    tokenizer: PreTrainedTokenizerFast,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    vocab: int | None = None,
+) -> LlamaForCausalLM:
+    """Return a random LLaMA-3-style causal LM (GQA, untied head, rope theta 500k) that stops on the
+    tokenizer's end-of-text and end-of-turn tokens; ``vocab`` rows default to the tokenizer's size."""
     stop_ids = [tokenizer.convert_tokens_to_ids(END_OF_TEXT), tokenizer.convert_tokens_to_ids(EOT)]
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=sizes.llm_hidden,
-        intermediate_size=int(sizes.llm_hidden * 2.75),
-        num_hidden_layers=sizes.llm_layers,
-        num_attention_heads=max(2, sizes.llm_hidden // 16),
-        num_key_value_heads=max(1, sizes.llm_hidden // 32),
+        vocab_size=vocab or len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=8192,
         rope_theta=500000.0,
         bos_token_id=tokenizer.bos_token_id,
@@ -92,6 +101,14 @@ def tiny_llm(tokenizer: PreTrainedTokenizerFast, sizes: TinySizes) -> LlamaForCa
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_ids)
     return model
+
+
+def tiny_llm(tokenizer: PreTrainedTokenizerFast, sizes: TinySizes) -> LlamaForCausalLM:
+    """Return the tiny random LLaMA-3-style causal LM of ``sizes`` for ``tokenizer``."""
+    hidden = sizes.llm_hidden
+    return llama3_lm(
+        tokenizer, hidden, int(hidden * 2.75), sizes.llm_layers, max(2, hidden // 16), max(1, hidden // 32)
+    )
 
 
 def write_tiny(out_dir: Path, sizes: TinySizes | None = None, seed: int = 0) -> dict[str, Path]:
