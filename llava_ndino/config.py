@@ -59,6 +59,8 @@ class ModelConfig:
     """model.source=tiny: number of vision-encoder layers."""
     tiny_vision_hidden_size: int = 64
     """model.source=tiny: hidden size of the vision encoder."""
+    tiny_patch_size: int = 14
+    """model.source=tiny: vision patch side in pixels (CLIP ViT-L/14 uses 14); it must divide tiny_tile_size."""
 
 
 @dataclass
@@ -443,6 +445,11 @@ def _validate(cfg: RunConfig) -> None:
         if value < low or (high is not None and value > high):
             bound = f">= {low}" if high is None else f"between {low} and {high}"
             raise RecipeError(f"invalid value {value!r} for '{key}': must be {bound}")
+    if cfg.model.tiny_patch_size < 1 or cfg.model.tiny_tile_size % cfg.model.tiny_patch_size:
+        raise RecipeError(
+            f"model.tiny_patch_size={cfg.model.tiny_patch_size} must divide model.tiny_tile_size="
+            f"{cfg.model.tiny_tile_size}: pick a patch side such as 14 or 28 for 112 px tiles"
+        )
     if cfg.init_from and cfg.objective != "vlm_sft":
         raise RecipeError(
             f"init_from applies to objective vlm_sft; for {cfg.objective}, point model.llm at the previous "

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
@@ -61,6 +62,22 @@ def tiny_vision_config(sizes: TinySizes) -> CLIPVisionConfig:
         projection_dim=sizes.vision_hidden,
         hidden_act="quick_gelu",
     )
+
+
+POSITION_INIT_STD = 1.0
+"""Initial spread of the tiny tower's position embeddings. CLIP's 0.02 suits a pretrained tower;
+trained from random, the position signal then starts about 50 times weaker than a 28 px patch's
+content and the tower takes hundreds of steps to report where a patch is (``docs/benchmarks.md``,
+"Demo accuracy")."""
+
+
+def tiny_vision_tower(sizes: TinySizes) -> CLIPVisionModel:
+    """Return a random tiny CLIP tower of ``sizes`` whose position embeddings start at
+    :data:`POSITION_INIT_STD`, so that where a patch lies is visible from the first step."""
+    tower = CLIPVisionModel(tiny_vision_config(sizes))
+    embeddings = getattr(tower, "vision_model", tower).embeddings
+    nn.init.normal_(embeddings.position_embedding.weight, std=POSITION_INIT_STD)
+    return tower
 
 
 def tiny_image_processor(image_size: int) -> CLIPImageProcessor:
@@ -121,7 +138,7 @@ def write_tiny(out_dir: Path, sizes: TinySizes | None = None, seed: int = 0) -> 
     paths = {name: out_dir / name for name in ("vision", "llm", "openclip")}
 
     torch.manual_seed(seed)
-    vision = CLIPVisionModel(tiny_vision_config(sizes))
+    vision = tiny_vision_tower(sizes)
     vision.save_pretrained(paths["vision"])
     tiny_image_processor(sizes.image_size).save_pretrained(paths["vision"])
 

@@ -15,7 +15,7 @@ from accelerate import init_empty_weights
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoProcessor, CLIPVisionModel, LlavaNextConfig, LlavaNextForConditionalGeneration
+from transformers import AutoProcessor, LlavaNextConfig, LlavaNextForConditionalGeneration
 
 from llava_ndino.config import ModelConfig, RunConfig, TrainConfig
 from llava_ndino.model.build import (
@@ -26,7 +26,7 @@ from llava_ndino.model.build import (
     load_llava,
     make_image_processor,
 )
-from llava_ndino.model.tiny import TinySizes, tiny_llm, tiny_vision_config
+from llava_ndino.model.tiny import TinySizes, tiny_llm, tiny_vision_tower
 from llava_ndino.model.tokenizer import train_tiny_tokenizer
 from llava_ndino.train.checkpoint import load_model_weights, resolve_resume
 
@@ -46,13 +46,14 @@ def build_model(cfg: ModelConfig, seed: int) -> tuple[LlavaNextForConditionalGen
     if cfg.source == "tiny":
         sizes = TinySizes(
             image_size=cfg.tiny_tile_size,
+            patch_size=cfg.tiny_patch_size,
             vision_hidden=cfg.tiny_vision_hidden_size,
             vision_layers=cfg.tiny_vision_layers,
             llm_hidden=cfg.tiny_hidden_size,
             llm_layers=cfg.tiny_layers,
         )
         tokenizer = train_tiny_tokenizer(vocab_size=sizes.vocab_size)
-        vision = CLIPVisionModel(tiny_vision_config(sizes))
+        vision = tiny_vision_tower(sizes)
         llm = tiny_llm(tokenizer, sizes)
         image_processor = make_image_processor(sizes.image_size)
         model, processor = assemble(vision, llm, tokenizer, image_processor, llava_chat_template(), projector)

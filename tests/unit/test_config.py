@@ -190,6 +190,12 @@ def test_out_of_range_value_is_an_error():
         load_config(["recipe=demo", "train.max_steps=0"])
 
 
+@pytest.mark.parametrize("patch", [0, 30])
+def test_tiny_patch_must_divide_the_tile(patch: int):
+    with pytest.raises(RecipeError, match=re.escape(f"model.tiny_patch_size={patch} must divide")):
+        load_config(["recipe=demo", f"model.tiny_patch_size={patch}"])
+
+
 def test_resolved_config_round_trips(tmp_path: Path):
     cfg = load_config(["recipe=demo", "train.max_steps=7", "train.lr_vision=1e-4", "model.vision=null"])
     path = save_resolved_config(cfg, tmp_path / "run")

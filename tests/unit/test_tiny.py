@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
 
-from llava_ndino.model.tiny import TinySizes, write_tiny
+from llava_ndino.model.tiny import POSITION_INIT_STD, TinySizes, tiny_vision_tower, write_tiny
 from llava_ndino.model.tokenizer import (
     BEGIN_OF_TEXT,
     END_HEADER,
@@ -85,3 +86,15 @@ def test_llm_and_vision_configs(tiny_dirs, tokenizer):
     vision = AutoConfig.from_pretrained(tiny_dirs["vision"])
     assert (vision.image_size, vision.patch_size, vision.hidden_act) == (336, 14, "quick_gelu")
     assert vision.num_hidden_layers >= 2  # features come from layer -2
+
+
+def test_tiny_tower_position_embeddings_start_as_strong_as_patch_content():
+    torch.manual_seed(0)
+    tower = tiny_vision_tower(TinySizes(image_size=112, patch_size=28, vision_hidden=64))
+    embeddings = tower.embeddings
+    position_std = embeddings.position_embedding.weight.std().item()
+    assert abs(position_std - POSITION_INIT_STD) < 0.1
+    # A white patch's content after the patch projection: same order as the position signal.
+    white = torch.ones(1, 3, 28, 28)
+    content_std = embeddings.patch_embedding(white).std().item()
+    assert 0.2 < position_std / content_std < 5, (position_std, content_std)

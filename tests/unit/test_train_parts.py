@@ -83,6 +83,25 @@ def test_skip_tracker_tolerates_ratio_below_limit(tmp_path: Path) -> None:
     assert tracker.state() == {"seen": 10, "reasons": {"missing_image": 1}}
 
 
+@pytest.mark.parametrize("patch", [14, 28])
+def test_tiny_patch_size_reaches_tower_processor_and_forward(patch: int) -> None:
+    from PIL import Image
+
+    cfg = load_config([*TINY, f"model.tiny_patch_size={patch}"])
+    model, processor = build_model(cfg.model, seed=0)
+    side = 112 // patch
+    assert model.config.vision_config.patch_size == processor.patch_size == patch
+    assert model.config.image_seq_length == side * side
+    image = Image.new("RGB", (112, 112), (200, 30, 30))
+    batch = processor(images=[image], text=["<image> Di che colore è il cerchio?"], return_tensors="pt")
+    image_tokens = int((batch["input_ids"] == model.config.image_token_id).sum())
+    # A square tile-sized image: the base tile, one unpadded grid tile, and a newline per grid row.
+    assert image_tokens == 2 * side * side + side
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape[:2] == batch["input_ids"].shape
+
+
 def test_freezing_and_per_part_learning_rates(tiny_vlm) -> None:
     cfg, model, _ = tiny_vlm
     apply_trainable(model, ["projector", "vision"])
