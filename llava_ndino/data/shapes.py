@@ -21,11 +21,23 @@ balanced, with a short lowercase answer meant for exact match:
 * ``posizione``: "Dove si trova il quadrato?" -> "in alto a sinistra" (kind present exactly once);
 * ``forma``: "Quale forma è rossa?" -> "il cerchio" (colour present exactly once).
 
-Training uses multi-turn dialogues (:func:`make_dialogue`): one image, one question of every type
-the scene supports and a description ("Descrivi l'immagine." -> "un cerchio rosso in alto a
-sinistra, un quadrato blu in basso a destra"). Like LLaVA's caption stage, the dense description
-teaches a model trained from scratch to read every shape's kind, colour and place, which the
-questions then reuse. Evaluation asks single questions of the four types.
+Training uses multi-turn dialogues (:func:`make_dialogue`): one image and, in random order, the
+count question, one ``colore`` question, every ``posizione`` and ``forma`` question the scene
+supports, and a description ("Descrivi l'immagine." -> "un quadrato blu in basso a destra, un
+cerchio rosso in alto a sinistra"). Like LLaVA's caption stage, the dense description teaches a
+model trained from scratch to read every shape's kind, colour and place, which the questions then
+reuse. Three choices make the two-shape look-up by kind learnable in the demo's CPU budget (see
+``docs/benchmarks.md``, "Demo accuracy"):
+
+* :data:`TRAIN_TWO_SHAPE_SHARE` of training scenes hold two shapes, where the look-up is needed;
+  one-shape scenes are answered by attending to the only shape.
+* The description names the shapes in random order, not reading order. After "un cerchio" the
+  model must find the circle's colour and place by its kind; in reading order it learns to report
+  the first shape instead, and answers "Dove si trova il cerchio?" with the first shape's place.
+* Every position and shape question is asked: they are the look-ups that stay hardest (a place
+  takes four answer tokens), while one colour question per scene is enough.
+
+Evaluation asks single questions of the four types, on scenes of 1 or 2 shapes drawn evenly.
 """
 
 from __future__ import annotations
@@ -61,6 +73,8 @@ COUNT_WORDS: dict[int, str] = {1: "una", 2: "due", 3: "tre"}
 MAX_SHAPES = 2
 """Generated scenes hold 1 or 2 shapes: enough to need binding (which shape is red?) while a tiny
 model trained from scratch still learns it on a CPU in minutes. Hand-built scenes may hold 3."""
+TRAIN_TWO_SHAPE_SHARE = 0.8
+"""Share of training dialogues whose scene holds two shapes (evaluation scenes hold 1 or 2 evenly)."""
 MIN_SIDE = 24
 _SIZE_RANGE = (0.7, 0.9)
 _MAX_JITTER = 0.5
@@ -153,14 +167,17 @@ def questions_for_scene(shapes: Sequence[Shape]) -> list[tuple[str, str, str]]:
 
 
 def describe_scene(shapes: Sequence[Shape]) -> str:
-    """Describe every shape in reading order: "un cerchio rosso in alto a sinistra, un ..."."""
-    ordered = sorted(shapes, key=lambda shape: shape.cell)
-    return ", ".join(f"un {shape.kind} {shape.colour} {POSITION_NAMES[shape.cell]}" for shape in ordered)
+    """Describe every shape in the given order: "un cerchio rosso in alto a sinistra, un ..."."""
+    return ", ".join(f"un {shape.kind} {shape.colour} {POSITION_NAMES[shape.cell]}" for shape in shapes)
 
 
-def random_scene(rng: random.Random) -> list[Shape]:
-    """Draw a scene of 1-MAX_SHAPES shapes in distinct cells with distinct colours and jittered geometry."""
-    n = rng.randint(1, MAX_SHAPES)
+def random_scene(rng: random.Random, n: int | None = None) -> list[Shape]:
+    """Draw a scene of ``n`` shapes (default: 1-MAX_SHAPES, uniformly) in distinct cells, listed in
+    random cell order, with distinct colours and jittered geometry."""
+    if n is None:
+        n = rng.randint(1, MAX_SHAPES)
+    if not 1 <= n <= MAX_SHAPES:
+        raise ValueError(f"a random scene holds 1-{MAX_SHAPES} shapes, got {n}")
     cells = rng.sample(sorted(POSITION_NAMES), n)
     colours = rng.sample(sorted(COLOURS), n)
     return [
@@ -203,16 +220,18 @@ def make_sample(i: int, seed: int, width: int = 224, height: int = 224) -> Shape
 def make_dialogue(i: int, seed: int, width: int = 224, height: int = 224) -> tuple[dict, Image.Image]:
     """Return training dialogue ``i`` for ``seed``: a LLaVA record and its image.
 
-    One image, then a multi-turn conversation in random order: one question of every type the
-    scene supports and the scene description. Several answers per image give a model trained from
-    scratch far more supervision per image than single questions do.
+    The scene holds two shapes with probability :data:`TRAIN_TWO_SHAPE_SHARE`. The conversation
+    asks, in random order, the count, one ``colore`` question (when the scene supports one), every
+    supported ``posizione`` and ``forma`` question, and the description, which lists the
+    shapes in the scene's random order (see the module docstring for why).
     """
     rng = random.Random(f"dialogue:{seed}:{i}")
-    scene = random_scene(rng)
+    scene = random_scene(rng, 2 if rng.random() < TRAIN_TWO_SHAPE_SHARE else 1)
     by_type: dict[str, list[tuple[str, str]]] = {}
     for qtype, question, answer in questions_for_scene(scene):
         by_type.setdefault(qtype, []).append((question, answer))
-    turns = [rng.choice(options) for options in by_type.values()]
+    every = [*by_type.pop("posizione", []), *by_type.pop("forma", [])]
+    turns = [rng.choice(options) for options in by_type.values()] + every
     turns.append(("Descrivi l'immagine.", describe_scene(scene)))
     rng.shuffle(turns)
     conversations = []

@@ -224,17 +224,54 @@ def test_write_shapes_dataset(tmp_path):
             assert image.convert("RGB").tobytes() == sample.image.tobytes()
 
 
-def test_dialogues_ask_every_supported_type_and_describe_the_scene():
+def test_description_lists_shapes_in_the_given_order():
     scene = [Shape("triangolo", "blu", (1, 1)), Shape("cerchio", "rosso", (0, 0))]
-    assert describe_scene(scene) == "un cerchio rosso in alto a sinistra, un triangolo blu in basso a destra"
-    for i in range(20):
+    assert describe_scene(scene) == "un triangolo blu in basso a destra, un cerchio rosso in alto a sinistra"
+    assert (
+        describe_scene(scene[::-1])
+        == "un cerchio rosso in alto a sinistra, un triangolo blu in basso a destra"
+    )
+
+
+def _answers(turns: list[dict]) -> dict[str, list[str]]:
+    by_question: dict[str, list[str]] = {}
+    for human, gpt in zip(turns[::2], turns[1::2], strict=True):
+        by_question.setdefault(human["value"].removeprefix("<image>\n"), []).append(gpt["value"])
+    return by_question
+
+
+def test_dialogues_ask_every_supported_type_and_describe_the_scene():
+    n_dialogues, two_shapes, reading_order, first_turn = 400, 0, 0, Counter()
+    for i in range(n_dialogues):
         record, image = make_dialogue(i, seed=4, width=112, height=112)
         turns = record["conversations"]
         assert image.size == (112, 112)
         assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
         assert turns[0]["value"].startswith("<image>\n")
         assert sum(t["value"].count("<image>") for t in turns) == 1
-        questions = [t["value"].removeprefix("<image>\n") for t in turns[::2]]
-        assert "Descrivi l'immagine." in questions and "Quante forme ci sono?" in questions
-        assert len(questions) == len(set(questions))
+        answers = _answers(turns)
+        assert all(len(given) == 1 for given in answers.values()), "a question is asked twice"
+        first_turn[turns[0]["value"].removeprefix("<image>\n")] += 1
+        # The description names each shape once; the scene is read back from it.
+        parts = answers.pop("Descrivi l'immagine.")[0].split(", ")
+        shapes = []
+        for part in parts:
+            _, kind, colour, *place = part.split()
+            cell = next(c for c, name in POSITION_NAMES.items() if name == " ".join(place))
+            shapes.append(Shape(kind, colour, cell))
+        two_shapes += len(shapes) == 2
+        reading_order += len(shapes) == 2 and shapes[0].cell < shapes[1].cell
+        supported = questions_for_scene(shapes)
+        asked = {question: given[0] for question, given in answers.items()}
+        assert all(
+            (question, answer) in {(q, a) for _, q, a in supported} for question, answer in asked.items()
+        )
+        for qtype in QUESTION_TYPES:
+            of_type = {q for t, q, _ in supported if t == qtype}
+            wanted = len(of_type) if qtype in ("posizione", "forma") else min(1, len(of_type))
+            assert len(of_type & set(asked)) == wanted, (qtype, record["id"])
+    # Two-shape scenes are the hard ones and dominate training; the description's order is random.
+    assert abs(two_shapes / n_dialogues - 0.8) < 0.06
+    assert abs(reading_order / two_shapes - 0.5) < 0.1
+    assert len(first_turn) > 5, "the turns are not shuffled"
     assert make_dialogue(3, seed=4)[0] == make_dialogue(3, seed=4)[0]
