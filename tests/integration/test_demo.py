@@ -12,7 +12,7 @@ from llava_ndino.config import load_config
 from llava_ndino.data.shapes import generate_samples, majority_baseline
 from llava_ndino.demo import eval_samples, run_demo
 
-SHORT = ["train.max_steps=250", "data.synthetic_eval=120", "train.save_every=1000"]
+SHORT = ["train.max_steps=500", "data.synthetic_eval=120", "train.save_every=1000"]
 
 
 @pytest.mark.slow
