@@ -25,7 +25,8 @@ def test_flops_follow_the_formula_and_survive_zero3_partitioning() -> None:
     n_vit = sum(p.numel() for p in inner.vision_tower.parameters())
     tokens, row = 17, 10
     attention = 12 * text.num_hidden_layers * text.hidden_size * tokens * row
-    patches = (112 // 14) ** 2 + 1
+    vision = model.config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2 + 1
     expected = 6 * n_lm * tokens + attention + 6 * n_vit * patches * 2 * 3  # the tower trains in the demo
     assert flops_per_step(model, _batch()) == expected
 
