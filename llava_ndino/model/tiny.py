@@ -68,7 +68,7 @@ POSITION_INIT_STD = 1.0
 """Initial spread of the tiny tower's position embeddings. CLIP's 0.02 suits a pretrained tower;
 trained from random, the position signal then starts about 50 times weaker than a 28 px patch's
 content and the tower takes hundreds of steps to report where a patch is (``docs/benchmarks.md``,
-"Demo accuracy")."""
+"CPU demo", fourth round)."""
 
 
 def tiny_vision_tower(sizes: TinySizes) -> CLIPVisionModel:
