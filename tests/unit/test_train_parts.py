@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from llava_ndino.config import load_config
 from llava_ndino.data.dataset import (
@@ -85,8 +86,6 @@ def test_skip_tracker_tolerates_ratio_below_limit(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("patch", [14, 28])
 def test_tiny_patch_size_reaches_tower_processor_and_forward(patch: int) -> None:
-    from PIL import Image
-
     cfg = load_config([*TINY, f"model.tiny_patch_size={patch}"])
     model, processor = build_model(cfg.model, seed=0)
     side = 112 // patch
@@ -95,7 +94,8 @@ def test_tiny_patch_size_reaches_tower_processor_and_forward(patch: int) -> None
     image = Image.new("RGB", (112, 112), (200, 30, 30))
     batch = processor(images=[image], text=["<image> Di che colore è il cerchio?"], return_tensors="pt")
     image_tokens = int((batch["input_ids"] == model.config.image_token_id).sum())
-    # A square tile-sized image: the base tile, one unpadded grid tile, and a newline per grid row.
+    # A square tile-sized image: the base tile, then the two half-padded grid tiles unpadded back to
+    # the image's side x side patches, and a newline per grid row.
     assert image_tokens == 2 * side * side + side
     with torch.no_grad():
         logits = model(**batch).logits
