@@ -28,7 +28,7 @@ from llava_ndino.data.encode import ConversationEncoder
 from llava_ndino.data.grouping import GroupedSampler
 from llava_ndino.data.lengths import LengthEstimator
 from llava_ndino.data.packing import plan_rows
-from llava_ndino.train.model_setup import build_model
+from llava_ndino.model.loading import build_model
 
 WORDS = [
     "il",
@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="per-device batch size for pad fractions")
     parser.add_argument("--out", help="write the figures to this JSON file")
     args = parser.parse_args()
-    cfg = load_config(["recipe=demo", "output_dir=unused", "model.tiny_tile_size=336"])
+    cfg = load_config(["recipe=demo", "output_dir=unused", "model.tiny.tile_size=336"])
     _, processor = build_model(cfg.model, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -42,7 +42,8 @@ def write_components(out: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     """Write the random CLIP tower and LLaMA-3-shaped LM folders (with the tiny tokenizer) under ``out``."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from llava_ndino.model.tiny import llama3_lm, mark_tokenizer_portable, tiny_image_processor
+    from llava_ndino.model.hf_files import mark_tokenizer_portable
+    from llava_ndino.model.tiny import llama3_lm, tiny_image_processor
     from llava_ndino.model.tokenizer import train_tiny_tokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -88,8 +89,8 @@ def overrides(vision: Path, llm: Path, run_dir: Path, args: argparse.Namespace) 
         f"model.vision={vision}",
         f"model.llm={llm}",
         f"model.attn_implementation={args.attn}",
-        "data.synthetic_image_size=672",
-        f"data.synthetic_train={args.batch * (args.steps + 2) * 4}",
+        "data.synthetic.image_size=672",
+        f"data.synthetic.train={args.batch * (args.steps + 2) * 4}",
         "data.max_length=4096",
         f"data.num_workers={args.workers}",
         f"engine={args.engine}",
@@ -136,8 +137,15 @@ def planned(tokens: list[str], engine: str, batch: int, row_tokens: int, logit_f
     """``ndino plan``'s per-GPU estimate (GiB) for one micro-batch of ``batch`` rows of ``row_tokens``,
     with the logits at ``logit_fraction`` of the positions (1: the planner's default upper bound)."""
     from llava_ndino.config import load_config
-    from llava_ndino.model.dimensions import model_shape
-    from llava_ndino.plan import CONTEXT_BYTES, Precision, Workload, estimate, weight_bytes, zero_settings
+    from llava_ndino.plan.dimensions import model_shape
+    from llava_ndino.plan.planner import (
+        CONTEXT_BYTES,
+        Precision,
+        Workload,
+        estimate,
+        weight_bytes,
+        zero_settings,
+    )
 
     cfg = load_config(tokens)
     shape = model_shape(cfg)

@@ -20,11 +20,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llava_ndino.config import load_config
-from llava_ndino.data.dataset import Collator, EncodedDataset, ShapesRecords
+from llava_ndino.data.dataset import Collator, EncodedDataset
 from llava_ndino.data.encode import ConversationEncoder
 from llava_ndino.data.packing import model_inputs
-from llava_ndino.train.model_setup import build_model
-from llava_ndino.train.tasks import label_positions, token_loss_sum
+from llava_ndino.model.loading import build_model
+from llava_ndino.synthetic.shapes import ShapesRecords
+from llava_ndino.train.losses import label_positions, token_loss_sum
 
 
 def _median_seconds(step: Callable[[], None], repeats: int) -> float:
@@ -73,7 +74,7 @@ def main() -> None:
     model, processor = build_model(cfg.model, seed=0)
     encoder = ConversationEncoder(processor, cfg.data.template, cfg.data.max_length)
     dataset = EncodedDataset(
-        ShapesRecords(16, seed=0, image_size=cfg.data.synthetic_image_size, dialogues=True), encoder
+        ShapesRecords(16, seed=0, image_size=cfg.data.synthetic.image_size, dialogues=True), encoder
     )
     batch = Collator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(16)]).tensors
     _compare("demo VLM, 16 dialogues", model.train(), batch, args.repeats)

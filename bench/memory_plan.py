@@ -29,11 +29,11 @@ from pathlib import Path
 
 MODEL = [
     "recipe=demo",
-    "model.tiny_tile_size=336",
-    "model.tiny_hidden_size=512",
-    "model.tiny_layers=4",
-    "model.tiny_vision_hidden_size=256",
-    "model.tiny_vision_layers=4",
+    "model.tiny.tile_size=336",
+    "model.tiny.hidden_size=512",
+    "model.tiny.layers=4",
+    "model.tiny.vision_hidden_size=256",
+    "model.tiny.vision_layers=4",
 ]
 VOCAB = 16384
 CONFIGS = {
@@ -115,8 +115,9 @@ def measure(name: str, seq_len: int, steps: int) -> dict:
     import torch
 
     from llava_ndino.config import load_config
-    from llava_ndino.train.model_setup import apply_trainable, build_model, param_groups
-    from llava_ndino.train.tasks import token_loss_sum
+    from llava_ndino.model.loading import build_model
+    from llava_ndino.train.losses import token_loss_sum
+    from llava_ndino.train.parts import apply_trainable, param_groups
 
     trainable, checkpointing = CONFIGS[name]
     cfg = load_config(MODEL)
@@ -154,8 +155,8 @@ def planned(name: str, config: dict, seq_len: int) -> dict[str, float]:
     """The planner's one-process estimate for configuration ``name`` at CPU precision, by component."""
     from transformers import LlavaNextConfig
 
-    from llava_ndino.model.dimensions import shape_from_llava_config
-    from llava_ndino.plan import CPU_FP32, Workload, activation_parts, estimate
+    from llava_ndino.plan.dimensions import shape_from_llava_config
+    from llava_ndino.plan.planner import CPU_FP32, Workload, activation_parts, estimate
 
     trainable, checkpointing = CONFIGS[name]
     shape = shape_from_llava_config(LlavaNextConfig.from_dict(config), "bench")

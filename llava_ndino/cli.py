@@ -9,12 +9,14 @@ from pathlib import Path
 
 
 def _cmd_tiny(args: argparse.Namespace) -> None:
-    from llava_ndino.model.tiny import TinySizes, write_tiny
+    from dataclasses import replace
 
-    sizes = TinySizes(image_size=args.image_size)
+    from llava_ndino.model.tiny import FOLDER_SIZES, write_tiny
+
+    sizes = replace(FOLDER_SIZES, tile_size=args.image_size)
     paths = write_tiny(Path(args.out), sizes, seed=args.seed)
     if args.text_data:
-        from llava_ndino.data.text_samples import write_text_samples
+        from llava_ndino.synthetic.text_samples import write_text_samples
 
         paths.update(write_text_samples(Path(args.out) / "text", seed=args.seed))
     for name, path in paths.items():
@@ -22,7 +24,7 @@ def _cmd_tiny(args: argparse.Namespace) -> None:
 
 
 def _cmd_assemble(args: argparse.Namespace) -> None:
-    from llava_ndino.export import save_llava_folder
+    from llava_ndino.export.vlm import save_llava_folder
     from llava_ndino.model.build import LoadOptions, assemble_from_folders
 
     options = LoadOptions(dtype=args.dtype, attn_implementation=args.attn_implementation)
@@ -74,10 +76,10 @@ def _cmd_ask(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from llava_ndino.export import save_llava_folder
-    from llava_ndino.export_text import export_text_run, is_text_run
+    from llava_ndino.export.text import export_text_run, is_text_run
+    from llava_ndino.export.vlm import save_llava_folder
     from llava_ndino.model.build import LoadOptions
-    from llava_ndino.train.model_setup import load_trained
+    from llava_ndino.model.loading import load_trained
 
     if is_text_run(Path(args.path)):
         export_text_run(Path(args.path), Path(args.out), adapter=args.adapter, dtype=args.dtype)
@@ -101,13 +103,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from llava_ndino.demo import run_demo
+    from llava_ndino.demo.run import run_demo
 
     run_demo(args.overrides, train_first=not args.no_train)
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
-    from llava_ndino.plan import run_plan
+    from llava_ndino.plan.planner import run_plan
 
     print(run_plan(args.overrides))
 
@@ -126,7 +128,7 @@ def _cmd_data_list(args: argparse.Namespace) -> None:
 
 
 def _cmd_data_validate(args: argparse.Namespace) -> None:
-    from llava_ndino.data.validate import run_validate
+    from llava_ndino.prep.validate import run_validate
 
     run_validate(
         args.target,
@@ -139,7 +141,7 @@ def _cmd_data_validate(args: argparse.Namespace) -> None:
 
 
 def _cmd_data_shard(args: argparse.Namespace) -> None:
-    from llava_ndino.data.shards import hf_items, llava_items, write_shards
+    from llava_ndino.prep.shards import hf_items, llava_items, write_shards
 
     source = Path(args.input)
     if source.is_dir():
@@ -153,7 +155,7 @@ def _cmd_data_shard(args: argparse.Namespace) -> None:
 
 
 def _cmd_data_translate(args: argparse.Namespace) -> None:
-    from llava_ndino.data.translate import ArgosTranslator, MadladTranslator, translate_file
+    from llava_ndino.prep.translate import ArgosTranslator, MadladTranslator, translate_file
 
     if args.backend == "madlad":
         translator = MadladTranslator.from_pretrained(

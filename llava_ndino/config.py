@@ -24,11 +24,45 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from llava_ndino.data.templates import TEMPLATES
+from llava_ndino.formats.prompts import TEMPLATES
 
 
 class RecipeError(ValueError):
     """A recipe, a command-line override or the configuration they produce is invalid."""
+
+
+@dataclass
+class TinyConfig:
+    """Sizes of the tiny random VLM (model.source=tiny) that the demo and the tests build in code."""
+
+    tile_size: int = 112
+    """Image tile side in pixels (a multiple of patch_size; CLIP ViT-L/14-336 uses 336)."""
+    patch_size: int = 14
+    """Vision patch side in pixels (CLIP ViT-L/14 uses 14); it must divide tile_size."""
+    hidden_size: int = 128
+    """Hidden size of the language model."""
+    layers: int = 2
+    """Number of language-model layers."""
+    vision_hidden_size: int = 64
+    """Hidden size of the vision encoder."""
+    vision_layers: int = 2
+    """Number of vision-encoder layers (at least 2: LLaVA reads the features of layer -2)."""
+    vocab_size: int = 1024
+    """Byte-level BPE vocabulary of the tiny tokenizer, before LLaMA-3's special tokens."""
+
+
+@dataclass
+class SyntheticConfig:
+    """Generated training data instead of files (the demo's shapes set)."""
+
+    kind: str | None = None
+    """Which set to generate instead of reading data.path (shapes: the demo's coloured-shapes questions)."""
+    train: int = 2000
+    """Number of synthetic training samples."""
+    eval: int = 200
+    """Number of synthetic evaluation samples."""
+    image_size: int = 160
+    """Side of the synthetic images in pixels."""
 
 
 @dataclass
@@ -49,18 +83,8 @@ class ModelConfig:
     """Parameter dtype (auto: let the loader choose)."""
     attn_implementation: str = "sdpa"
     """Attention kernel of the language model."""
-    tiny_tile_size: int = 112
-    """model.source=tiny: image tile side in pixels."""
-    tiny_hidden_size: int = 128
-    """model.source=tiny: hidden size of the language model."""
-    tiny_layers: int = 2
-    """model.source=tiny: number of language-model layers."""
-    tiny_vision_layers: int = 2
-    """model.source=tiny: number of vision-encoder layers."""
-    tiny_vision_hidden_size: int = 64
-    """model.source=tiny: hidden size of the vision encoder."""
-    tiny_patch_size: int = 14
-    """model.source=tiny: vision patch side in pixels (CLIP ViT-L/14 uses 14); it must divide tiny_tile_size."""
+    tiny: TinyConfig = field(default_factory=TinyConfig)
+    """model.source=tiny: sizes of the tiny random VLM built in code."""
 
 
 @dataclass
@@ -79,14 +103,8 @@ class DataConfig:
     """DataLoader worker processes (0: load in the main process)."""
     max_skip_ratio: float = 0.01
     """Largest fraction of samples that may be skipped as unusable before the run fails."""
-    synthetic: str | None = None
-    """Generate a synthetic data set instead of reading data.path (shapes: the demo set)."""
-    synthetic_train: int = 2000
-    """Number of synthetic training samples."""
-    synthetic_eval: int = 200
-    """Number of synthetic evaluation samples."""
-    synthetic_image_size: int = 160
-    """Side of the synthetic images in pixels."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    """Generated data instead of data.path (the demo)."""
     isolate_documents: bool = False
     """clm: keep attention inside each document of a packed block (positions restart per document); false lets attention cross the eos between documents, as plain concatenation does."""
     max_pixels: int = 64_000_000
@@ -225,7 +243,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "data.template": tuple(TEMPLATES),
     "engine": ENGINES,
-    "data.synthetic": ("shapes",),
+    "data.synthetic.kind": ("shapes",),
     "train.schedule": ("cosine", "linear", "constant"),
     "train.trainable": ("projector", "vision", "llm", "newline"),
     "train.optimizer": ("adamw", "adamw_8bit", "paged_adamw_8bit"),
@@ -445,10 +463,11 @@ def _validate(cfg: RunConfig) -> None:
         if value < low or (high is not None and value > high):
             bound = f">= {low}" if high is None else f"between {low} and {high}"
             raise RecipeError(f"invalid value {value!r} for '{key}': must be {bound}")
-    if cfg.model.tiny_patch_size < 1 or cfg.model.tiny_tile_size % cfg.model.tiny_patch_size:
+    tiny = cfg.model.tiny
+    if tiny.patch_size < 1 or tiny.tile_size % tiny.patch_size:
         raise RecipeError(
-            f"model.tiny_patch_size={cfg.model.tiny_patch_size} must divide model.tiny_tile_size="
-            f"{cfg.model.tiny_tile_size}: pick a patch side such as 14 or 28 for 112 px tiles"
+            f"model.tiny.patch_size={tiny.patch_size} must divide model.tiny.tile_size="
+            f"{tiny.tile_size}: pick a patch side such as 14 or 28 for 112 px tiles"
         )
     if cfg.init_from and cfg.objective != "vlm_sft":
         raise RecipeError(

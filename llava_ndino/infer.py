@@ -197,7 +197,7 @@ def read_image(path: Path, sample_id: str) -> Image.Image:
 
 def load_answerer(path: Path, dtype: str = "auto", attn_implementation: str = "sdpa") -> Answerer:
     """Load an :class:`Answerer` from a run directory, a checkpoint or any HF LlavaNext folder (on CUDA if available)."""
-    from llava_ndino.train.model_setup import load_trained
+    from llava_ndino.model.loading import load_trained
 
     model, processor = load_trained(
         Path(path), LoadOptions(dtype=dtype, attn_implementation=attn_implementation)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from llava_ndino.data.templates import IMAGE_PLACEHOLDER, ROLES, Message, content_to_text
+from llava_ndino.formats.prompts import IMAGE_PLACEHOLDER, ROLES, Message, content_to_text
 
 LLAVA_ROLES = {
     "human": "user",

@@ -21,7 +21,6 @@ from llava_ndino.data.conversation import SampleError
 from llava_ndino.data.encode import ConversationEncoder, EncodedSample, collate
 from llava_ndino.data.lengths import LengthEstimator, Measure
 from llava_ndino.data.packing import pack
-from llava_ndino.data.shapes import make_dialogue, make_sample, to_llava_record
 
 
 def read_records(path: Path) -> list[dict]:
@@ -72,24 +71,6 @@ class JsonRecords(RecordSource):
 
     def get(self, index: int) -> tuple[dict, None]:
         return self.records[index], None
-
-
-class ShapesRecords(RecordSource):
-    """The synthetic Italian shapes set, generated on the fly from (seed, index): single questions, or
-    multi-turn dialogues (the training form)."""
-
-    def __init__(self, count: int, seed: int, image_size: int, dialogues: bool = False):
-        self.count, self.seed, self.image_size, self.dialogues = count, seed, image_size, dialogues
-
-    def __len__(self) -> int:
-        return self.count
-
-    def get(self, index: int) -> tuple[dict, list[Image.Image]]:
-        if self.dialogues:
-            record, image = make_dialogue(index, self.seed, self.image_size, self.image_size)
-            return record, [image]
-        sample = make_sample(index, self.seed, self.image_size, self.image_size)
-        return to_llava_record(sample, f"{sample.id}.png"), [sample.image]
 
 
 @dataclass

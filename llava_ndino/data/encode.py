@@ -16,7 +16,7 @@ from transformers import LlavaNextProcessor
 
 from llava_ndino.data.conversation import SampleError, parse_sample
 from llava_ndino.data.images import DEFAULT_MAX_PIXELS, ImageBytes, load_image
-from llava_ndino.data.templates import IMAGE_PLACEHOLDER, Template, get_template
+from llava_ndino.formats.prompts import IMAGE_PLACEHOLDER, Template, get_template
 
 IGNORE_INDEX = -100
 

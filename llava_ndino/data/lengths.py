@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from llava_ndino.data.conversation import SampleError, parse_sample
 from llava_ndino.data.images import DEFAULT_MAX_PIXELS, ImageBytes, load_image
-from llava_ndino.data.templates import Template, get_template
+from llava_ndino.formats.prompts import Template, get_template
 
 EXIF_ORIENTATION = 0x0112
 TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)

@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from llava_ndino.data.conversation import Conversation, SampleError, openai_messages, parse_sample
 from llava_ndino.data.dataset import Batch, Skipped
 from llava_ndino.data.encode import IGNORE_INDEX, EncodedSample, collate, labels_in_spans
-from llava_ndino.data.templates import Message, Segment, Template
+from llava_ndino.formats.prompts import Message, Segment, Template
 
 
 def _sample_id(record: object, index: int) -> str:

@@ -28,12 +28,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from llava_ndino.formats.tokens import END_OF_TEXT, EOT
 from llava_ndino.model.projector import load_projector_into
-from llava_ndino.model.tiny import CLIP_MEAN, CLIP_STD
-from llava_ndino.model.tokenizer import END_OF_TEXT, EOT
 
 log = logging.getLogger(__name__)
 
+# OpenAI CLIP's pixel statistics, used by CLIP ViT-L/14-336 and therefore by LLaVA-NeXT.
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
 # LLaVA-NeXT's anyres grid for 336 px tiles, written (W, H) as LLaVA does.
@@ -224,7 +226,7 @@ def assemble_from_folders(
     vision_spec: str, llm_dir: Path, projector: Path | None = None, options: LoadOptions | None = None
 ) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
     """Load a CLIP tower and an HF causal-LM folder and assemble them (see :func:`assemble`)."""
-    from llava_ndino.data.templates import llava_chat_template
+    from llava_ndino.formats.prompts import llava_chat_template
 
     options = options or LoadOptions()
     options.check()

@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from llava_ndino.config import RunConfig
-from llava_ndino.data.templates import Template, get_template
+from llava_ndino.formats.prompts import Template, get_template
 from llava_ndino.model.build import LoadOptions, ensure_pad_token, resize_embeddings_to_mean
 
 log = logging.getLogger(__name__)
@@ -125,3 +125,36 @@ def add_lora(model: PreTrainedModel, cfg: RunConfig) -> torch.nn.Module:
         total,
     )
     return peft_model
+
+
+def adapter_names(model: torch.nn.Module) -> set[str]:
+    """Names of the trainable parameters of an adapter model: what an adapter checkpoint stores."""
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_text_state(model: torch.nn.Module, state: dict[str, torch.Tensor], adapters: bool) -> None:
+    """Load a text run's checkpoint ``state`` into ``model``: every weight, or with ``adapters`` only
+    the adapter weights, which must match the model's adapters exactly."""
+    if not adapters:
+        model.load_state_dict(state)
+        return
+    names = adapter_names(model)
+    missing, unexpected = sorted(names - state.keys()), sorted(state.keys() - names)
+    if missing or unexpected:
+        raise ValueError(
+            f"the checkpoint's adapters do not match this model (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}): resume with the lora.* settings the run was started with"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def load_text_model(
+    cfg: RunConfig, state: dict[str, torch.Tensor]
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, int]:
+    """The causal LM of text run ``cfg`` (full precision, adapters attached when it trained them) with
+    the checkpoint ``state`` loaded, its tokenizer and the base vocabulary size."""
+    model, tokenizer, base_vocab = load_causal_lm(cfg, quantize=False)
+    if cfg.lora.enabled:
+        model = add_lora(model, cfg)
+    load_text_state(model, state, cfg.lora.enabled)
+    return model, tokenizer, base_vocab

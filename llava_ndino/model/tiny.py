@@ -7,8 +7,6 @@ They let tests, the CPU demo and cluster smoke tests run every code path without
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,43 +21,27 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from llava_ndino.model.tokenizer import END_OF_TEXT, EOT, train_tiny_tokenizer
+from llava_ndino.config import TinyConfig
+from llava_ndino.formats.tokens import END_OF_TEXT, EOT
+from llava_ndino.model.build import CLIP_MEAN, CLIP_STD
+from llava_ndino.model.hf_files import mark_tokenizer_portable
+from llava_ndino.model.tokenizer import train_tiny_tokenizer
 
-# OpenAI CLIP's pixel statistics, used by CLIP ViT-L/14-336 and therefore by LLaVA-NeXT.
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-@dataclass
-class TinySizes:
-    """Dimensions of the tiny models (defaults keep a forward pass in milliseconds)."""
-
-    image_size: int = 336
-    """Vision tile size in pixels (a multiple of patch_size)."""
-    patch_size: int = 14
-    """Vision patch size, as in CLIP ViT-L/14."""
-    vision_hidden: int = 32
-    """Vision tower width."""
-    vision_layers: int = 2
-    """Vision tower depth (at least 2, since features come from layer -2)."""
-    llm_hidden: int = 64
-    """Language-model width."""
-    llm_layers: int = 2
-    """Language-model depth."""
-    vocab_size: int = 1024
-    """BPE vocabulary size before the special tokens."""
+FOLDER_SIZES = TinyConfig(tile_size=336, hidden_size=64, vision_hidden_size=32)
+"""Sizes of the folders ``ndino tiny`` and the tests write: CLIP ViT-L/14-336's tile, narrow widths, so
+a forward pass takes milliseconds."""
 
 
-def tiny_vision_config(sizes: TinySizes) -> CLIPVisionConfig:
+def tiny_vision_config(sizes: TinyConfig) -> CLIPVisionConfig:
     """Return a CLIP ViT config shaped like ViT-L/14-336 but tiny (QuickGELU, as OpenAI CLIP)."""
     return CLIPVisionConfig(
-        hidden_size=sizes.vision_hidden,
-        intermediate_size=4 * sizes.vision_hidden,
+        hidden_size=sizes.vision_hidden_size,
+        intermediate_size=4 * sizes.vision_hidden_size,
         num_hidden_layers=sizes.vision_layers,
-        num_attention_heads=max(1, sizes.vision_hidden // 16),
-        image_size=sizes.image_size,
+        num_attention_heads=max(1, sizes.vision_hidden_size // 16),
+        image_size=sizes.tile_size,
         patch_size=sizes.patch_size,
-        projection_dim=sizes.vision_hidden,
+        projection_dim=sizes.vision_hidden_size,
         hidden_act="quick_gelu",
     )
 
@@ -71,7 +53,7 @@ content and the tower takes hundreds of steps to report where a patch is (``docs
 "CPU demo", fourth round)."""
 
 
-def tiny_vision_tower(sizes: TinySizes) -> CLIPVisionModel:
+def tiny_vision_tower(sizes: TinyConfig) -> CLIPVisionModel:
     """Return a random tiny CLIP tower of ``sizes`` whose position embeddings start at
     :data:`POSITION_INIT_STD`, so that where a patch lies is visible from the first step."""
     tower = CLIPVisionModel(tiny_vision_config(sizes))
@@ -120,27 +102,27 @@ def llama3_lm(
     return model
 
 
-def tiny_llm(tokenizer: PreTrainedTokenizerFast, sizes: TinySizes) -> LlamaForCausalLM:
+def tiny_llm(tokenizer: PreTrainedTokenizerFast, sizes: TinyConfig) -> LlamaForCausalLM:
     """Return the tiny random LLaMA-3-style causal LM of ``sizes`` for ``tokenizer``."""
-    hidden = sizes.llm_hidden
+    hidden = sizes.hidden_size
     return llama3_lm(
-        tokenizer, hidden, int(hidden * 2.75), sizes.llm_layers, max(2, hidden // 16), max(1, hidden // 32)
+        tokenizer, hidden, int(hidden * 2.75), sizes.layers, max(2, hidden // 16), max(1, hidden // 32)
     )
 
 
-def write_tiny(out_dir: Path, sizes: TinySizes | None = None, seed: int = 0) -> dict[str, Path]:
+def write_tiny(out_dir: Path, sizes: TinyConfig | None = None, seed: int = 0) -> dict[str, Path]:
     """Write ``vision/``, ``llm/`` and ``openclip/`` tiny model folders under ``out_dir``.
 
     The same ``sizes`` and ``seed`` always give byte-identical weights.
     """
-    sizes = sizes or TinySizes()
+    sizes = sizes or FOLDER_SIZES
     out_dir = Path(out_dir)
     paths = {name: out_dir / name for name in ("vision", "llm", "openclip")}
 
     torch.manual_seed(seed)
     vision = tiny_vision_tower(sizes)
     vision.save_pretrained(paths["vision"])
-    tiny_image_processor(sizes.image_size).save_pretrained(paths["vision"])
+    tiny_image_processor(sizes.tile_size).save_pretrained(paths["vision"])
 
     tokenizer = train_tiny_tokenizer(vocab_size=sizes.vocab_size)
     torch.manual_seed(seed + 1)
@@ -152,17 +134,6 @@ def write_tiny(out_dir: Path, sizes: TinySizes | None = None, seed: int = 0) -> 
     from llava_ndino.model.openclip_tower import write_tiny_openclip  # open_clip is slow to import
 
     write_tiny_openclip(
-        paths["openclip"], image_size=sizes.image_size, patch_size=sizes.patch_size, seed=seed + 2
+        paths["openclip"], image_size=sizes.tile_size, patch_size=sizes.patch_size, seed=seed + 2
     )
     return paths
-
-
-def mark_tokenizer_portable(folder: Path) -> None:
-    """Name ``PreTrainedTokenizerFast`` in ``tokenizer_config.json``, which transformers 4.x and 5.x both know.
-
-    transformers 5 writes ``TokenizersBackend``, a class 4.x cannot import.
-    """
-    path = Path(folder) / "tokenizer_config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

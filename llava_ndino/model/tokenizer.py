@@ -12,40 +12,13 @@ from importlib import resources
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-BEGIN_OF_TEXT = "<|begin_of_text|>"
-END_OF_TEXT = "<|end_of_text|>"
-START_HEADER = "<|start_header_id|>"
-END_HEADER = "<|end_header_id|>"
-EOT = "<|eot_id|>"
-LLAMA3_SPECIAL_TOKENS = [
-    BEGIN_OF_TEXT,
-    END_OF_TEXT,
-    "<|reserved_special_token_0|>",
-    "<|reserved_special_token_1|>",
-    START_HEADER,
-    END_HEADER,
-    "<|reserved_special_token_2|>",
-    EOT,
-]
+from llava_ndino.formats.tokens import BEGIN_OF_TEXT, EOT, LLAMA3_CHAT_TEMPLATE, LLAMA3_SPECIAL_TOKENS
 
 # LLaMA-3's pre-tokenization pattern (tiktoken cl100k style): splits letters, up to 3 digits,
 # punctuation and whitespace runs so that "\n\n" after a header never merges with the content.
 LLAMA3_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-# Meta's chat template for Meta-Llama-3-8B-Instruct: each turn is a header, the trimmed content and
-# <|eot_id|>; bos only before the first turn; no default system prompt.
-LLAMA3_CHAT_TEMPLATE = (
-    "{% set loop_messages = messages %}"
-    "{% for message in loop_messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-    "+ message['content'] | trim + '<|eot_id|>' %}"
-    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-    "{{ content }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
 

@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import signal
 from collections.abc import Callable
@@ -41,30 +40,30 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from llava_ndino.formats.run_dir import (
+    ALIASES_KEY,
+    CHECKPOINTS_DIR,
+    COMPLETE_FILE,
+    CONFIG_FILE,
+    LATEST_FILE,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    SCHEDULER_FILE,
+    TMP_PREFIX,
+    TRAINER_STATE_FILE,
+    TRASH_PREFIX,
+    CheckpointError,
+    checkpoint_problem,
+    complete_checkpoints,
+    load_model_state,
+    load_trainer_state,
+    rank_rng_file,
+)
+
 logger = logging.getLogger(__name__)
-
-CHECKPOINTS_DIR = "checkpoints"
-LATEST_FILE = "latest"
-COMPLETE_FILE = "COMPLETE"
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-SCHEDULER_FILE = "scheduler.pt"
-RNG_FILE = "rng.pt"
-TRAINER_STATE_FILE = "trainer_state.json"
-CONFIG_FILE = "config.yaml"
-
-_STEP_DIR = re.compile(r"step_(\d+)")
-_TMP_PREFIX = ".tmp_"
-_TRASH_PREFIX = ".trash_"
-_ALIASES_KEY = "llava_ndino.aliases"
-_RESUME_HINT = "pass a run directory, a checkpoint directory (<run_dir>/checkpoints/step_N), 'auto' or 'none'"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint or resume target is missing, incomplete or unreadable."""
 
 
 @dataclass
@@ -105,14 +104,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(cuda_state.cpu(), index)
 
 
-def rank_rng_file(rank: int) -> str:
-    """Name of the RNG file each rank writes in a multi-process checkpoint."""
-    return f"rng_rank{rank}.pt"
-
-
 def checkpoint_tmp_dir(run_dir: Path, step: int) -> Path:
     """The temp dir a save of ``step`` is written into (the same name on every rank)."""
-    return Path(run_dir) / CHECKPOINTS_DIR / f"{_TMP_PREFIX}step_{step}"
+    return Path(run_dir) / CHECKPOINTS_DIR / f"{TMP_PREFIX}step_{step}"
 
 
 def prepare_checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -165,7 +159,7 @@ def save_checkpoint(
     name = f"step_{step}"
     tmp = checkpoint_tmp_dir(run_dir, step) if prepared else prepare_checkpoint_dir(run_dir, step)
     try:
-        save_file(tensors, tmp / MODEL_FILE, metadata={"format": "pt", _ALIASES_KEY: json.dumps(aliases)})
+        save_file(tensors, tmp / MODEL_FILE, metadata={"format": "pt", ALIASES_KEY: json.dumps(aliases)})
         _fsync(tmp / MODEL_FILE)
         for fname, obj in pickled.items():
             if obj is not None:
@@ -198,74 +192,6 @@ def save_checkpoint(
     return final
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The complete checkpoint ``latest`` names, else (with a warning) the newest complete one, else None."""
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    pointer = root / LATEST_FILE
-    try:
-        name = pointer.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        reason = f"{pointer} is missing"
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = f"cannot read {pointer} ({exc})"
-    else:
-        problem = _problem(root / name) if _STEP_DIR.fullmatch(name) else "not a step_N name"
-        if problem is None:
-            return root / name
-        reason = f"{pointer} names {name!r}, which is unusable: {problem}"
-    complete = _complete_checkpoints(root)
-    if complete:
-        logger.warning("%s; falling back to the newest complete checkpoint %s", reason, complete[-1])
-        return complete[-1]
-    if pointer.exists():
-        logger.warning("%s, and no complete checkpoint exists in %s", reason, root)
-    return None
-
-
-def resolve_resume(resume: str, run_dir: Path) -> Path | None:
-    """Turn a ``resume`` option into a checkpoint directory, or None for a fresh start.
-
-    ``"auto"`` resumes from ``run_dir`` if it has a checkpoint (None if it never had one; an error if it
-    has a ``latest`` pointer but nothing usable); ``"none"`` or ``""`` never resumes;
-    anything else must be a run directory (its latest checkpoint is used) or a checkpoint directory.
-    Raises :class:`CheckpointError` naming the path when it cannot be resumed from.
-    """
-    value = resume.strip()
-    if value.lower() in ("", "none"):
-        return None
-    if value.lower() == "auto":
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None and (Path(run_dir) / CHECKPOINTS_DIR / LATEST_FILE).exists():
-            raise CheckpointError(
-                f"{run_dir} has a {LATEST_FILE} pointer but no usable checkpoint; pass a checkpoint "
-                "directory to resume from, or 'none' to deliberately start over"
-            )
-        return ckpt
-    path = Path(value).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"resume path {path} does not exist; {_RESUME_HINT}")
-    if (path / COMPLETE_FILE).exists() or _STEP_DIR.fullmatch(path.name):
-        problem = _problem(path)
-        if problem is not None:
-            raise CheckpointError(
-                f"cannot resume from {path}: {problem}; pick another checkpoint in {path.parent} "
-                f"or pass the run directory to use its latest complete one"
-            )
-        return path
-    run = path.parent if path.name == CHECKPOINTS_DIR else path
-    if not (run / CHECKPOINTS_DIR).is_dir():
-        raise CheckpointError(
-            f"resume path {path} is neither a run directory (no {CHECKPOINTS_DIR}/ inside) nor a "
-            f"checkpoint directory (no {COMPLETE_FILE} marker); {_RESUME_HINT}"
-        )
-    ckpt = latest_checkpoint(run)
-    if ckpt is None:
-        raise CheckpointError(
-            f"run directory {run} has no complete checkpoint to resume from; {_RESUME_HINT}"
-        )
-    return ckpt
-
-
 def load_checkpoint(
     ckpt_dir: Path, map_location: str | torch.device = "cpu", *, rank: int = 0, with_model: bool = True
 ) -> Checkpoint:
@@ -277,7 +203,7 @@ def load_checkpoint(
     incomplete or a file cannot be read.
     """
     ckpt_dir = Path(ckpt_dir)
-    problem = _problem(ckpt_dir)
+    problem = checkpoint_problem(ckpt_dir)
     if problem is not None:
         raise CheckpointError(f"checkpoint {ckpt_dir} is unusable: {problem}")
 
@@ -292,14 +218,12 @@ def load_checkpoint(
             return None
         return read(fname, lambda p: torch.load(p, map_location=map_location, weights_only=True))
 
-    step, trainer_state = read(TRAINER_STATE_FILE, _load_trainer_state)
+    step, trainer_state = read(TRAINER_STATE_FILE, load_trainer_state)
     rng_file = rank_rng_file(rank) if (ckpt_dir / rank_rng_file(rank)).is_file() else RNG_FILE
     if rng_file == RNG_FILE and rank > 0:
         logger.warning("%s has no RNG state for rank %d; using rank 0's", ckpt_dir, rank)
     model_state = (
-        read(MODEL_FILE, lambda p: _load_model_state(p, str(torch.device(map_location))))
-        if with_model
-        else {}
+        read(MODEL_FILE, lambda p: load_model_state(p, str(torch.device(map_location)))) if with_model else {}
     )
     return Checkpoint(
         path=ckpt_dir,
@@ -311,20 +235,6 @@ def load_checkpoint(
         trainer_state=trainer_state,
         config_text=read(CONFIG_FILE, lambda p: p.read_text(encoding="utf-8")),
     )
-
-
-def load_model_weights(ckpt_dir: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Load only the model state of a complete checkpoint (no optimizer state), e.g. for export."""
-    ckpt_dir = Path(ckpt_dir)
-    problem = _problem(ckpt_dir)
-    if problem is not None:
-        raise CheckpointError(f"checkpoint {ckpt_dir} is unusable: {problem}")
-    return _load_model_state(ckpt_dir / MODEL_FILE, str(torch.device(map_location)))
-
-
-def read_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
-    """The ``trainer_state`` a checkpoint was saved with (data position, engine, world size, ...)."""
-    return _load_trainer_state(Path(ckpt_dir) / TRAINER_STATE_FILE)[1]
 
 
 class TerminationFlag:
@@ -394,59 +304,16 @@ def _storable_tensors(model_state: dict[str, torch.Tensor]) -> tuple[dict[str, t
     return tensors, aliases
 
 
-def _load_model_state(path: Path, device: str) -> dict[str, torch.Tensor]:
-    """Read ``model.safetensors`` and re-tie the aliases recorded in its metadata."""
-    with safe_open(path, framework="pt", device=device) as f:
-        aliases = json.loads((f.metadata() or {}).get(_ALIASES_KEY, "{}"))
-        state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open is not a dict
-    for alias, stored in aliases.items():
-        state[alias] = state[stored]
-    return state
-
-
-def _load_trainer_state(path: Path) -> tuple[int, dict[str, Any]]:
-    """Read ``trainer_state.json`` into ``(step, trainer_state)``."""
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return int(data["step"]), dict(data["trainer_state"])
-
-
-def _problem(ckpt: Path) -> str | None:
-    """Why ``ckpt`` is not a complete checkpoint, or None if it is."""
-    if not ckpt.is_dir():
-        return "the directory does not exist"
-    try:
-        files = dict(json.loads((ckpt / COMPLETE_FILE).read_text(encoding="utf-8"))["files"])
-    except FileNotFoundError:
-        return f"no {COMPLETE_FILE} marker (the save did not finish)"
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"unreadable {COMPLETE_FILE} marker ({exc!r})"
-    for fname, size in files.items():
-        path = ckpt / fname
-        if not path.is_file():
-            return f"{fname} is missing"
-        if path.stat().st_size != size:
-            return f"{fname} has {path.stat().st_size} bytes, {COMPLETE_FILE} says {size}"
-    return None
-
-
-def _complete_checkpoints(root: Path) -> list[Path]:
-    """Complete ``step_N`` directories under ``root``, oldest step first."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name))]
-    return [p for _, p in sorted(found) if _problem(p) is None]
-
-
 def _prune(root: Path, keep_last: int, protect: str) -> None:
     """Delete all but the newest ``keep_last`` complete checkpoints (never ``protect``), then every
     temp dir left by an interrupted save and every directory moved aside for deletion."""
     if keep_last > 0:
-        for path in _complete_checkpoints(root)[:-keep_last]:
+        for path in complete_checkpoints(root)[:-keep_last]:
             if path.name != protect:
                 _move_aside(path)
                 logger.info("pruned checkpoint %s", path)
     for path in root.iterdir():
-        if path.is_dir() and path.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
+        if path.is_dir() and path.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
             try:
                 shutil.rmtree(path)
             except OSError as exc:
@@ -455,7 +322,7 @@ def _prune(root: Path, keep_last: int, protect: str) -> None:
 
 def _move_aside(path: Path) -> None:
     """Atomically rename ``path`` out of the ``step_N`` namespace; :func:`_prune` deletes it later."""
-    trash = path.with_name(f"{_TRASH_PREFIX}{path.name}_{os.getpid()}")
+    trash = path.with_name(f"{TRASH_PREFIX}{path.name}_{os.getpid()}")
     if trash.exists():
         shutil.rmtree(trash)
     os.rename(path, trash)

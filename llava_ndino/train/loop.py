@@ -22,13 +22,12 @@ from transformers import get_scheduler
 
 from llava_ndino.config import RunConfig, config_to_yaml, save_resolved_config
 from llava_ndino.data.dataset import Batch
+from llava_ndino.formats.run_dir import read_trainer_state, resolve_resume
 from llava_ndino.train.checkpoint import (
     checkpoint_tmp_dir,
     install_termination_handler,
     load_checkpoint,
     prepare_checkpoint_dir,
-    read_trainer_state,
-    resolve_resume,
     restore_rng_state,
     save_checkpoint,
     save_rank_rng,
@@ -45,7 +44,8 @@ from llava_ndino.train.engine import (
 )
 from llava_ndino.train.metrics import MetricsLogger, peak_flops
 from llava_ndino.train.optim import make_optimizer
-from llava_ndino.train.tasks import Task, make_task
+from llava_ndino.train.tasks.base import Task
+from llava_ndino.train.tasks.registry import make_task
 
 log = logging.getLogger(__name__)
 MIN_SEEN_FOR_SKIP_ABORT = 200

@@ -18,10 +18,10 @@ from deepspeed.utils import logger as ds_logger
 
 from llava_ndino.config import load_config
 from llava_ndino.data.encode import ConversationEncoder
-from llava_ndino.data.shapes import make_dialogue
+from llava_ndino.synthetic.shapes import make_dialogue
 from llava_ndino.train.engine import ZERO_ENGINES, deepspeed_config, init_distributed, make_engine
 from llava_ndino.train.optim import make_optimizer
-from llava_ndino.train.tasks import make_task
+from llava_ndino.train.tasks.registry import make_task
 
 STEPS = 3
 
@@ -68,7 +68,7 @@ def main(name: str, out: Path) -> None:
         [
             "recipe=demo",
             f"output_dir={out}",
-            "model.tiny_hidden_size=64",
+            "model.tiny.hidden_size=64",
             f"engine={name}",
             "train.max_steps=3",
         ]

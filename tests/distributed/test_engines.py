@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from llava_ndino.config import load_config
-from llava_ndino.train.checkpoint import latest_checkpoint
+from llava_ndino.formats.run_dir import latest_checkpoint
 from llava_ndino.train.loop import train
 
 pytestmark = pytest.mark.slow
@@ -43,8 +43,8 @@ ARGS = [
     "train.per_device_batch_size=4",
     "train.global_batch_size=4",
     "train.cpu_threads=1",
-    "data.synthetic_train=64",
-    "model.tiny_hidden_size=64",
+    "data.synthetic.train=64",
+    "model.tiny.hidden_size=64",
 ]
 
 
@@ -204,8 +204,8 @@ def test_zero3_loads_projector_and_init_from_then_exports(single_run: Path, tmp_
     consolidated checkpoint exports to an HF folder that plain transformers loads."""
     from transformers import LlavaNextForConditionalGeneration
 
-    from llava_ndino.export import save_llava_folder
-    from llava_ndino.train.model_setup import load_trained
+    from llava_ndino.export.vlm import save_llava_folder
+    from llava_ndino.model.loading import load_trained
 
     frozen = [*ARGS, "engine=zero3", "train.max_steps=1", "train.lr=0"]
     expected = _projector_file(tmp_path / "mm_projector.bin", hidden=64, vision_hidden=64)
@@ -244,9 +244,9 @@ def test_stage_recipe_runs_under_its_own_engine(stage: str, tiny_dirs, tmp_path:
         f"model.llm={tiny_dirs['llm']}",
         "init_from=null",
         "model.dtype=float32",
-        "data.synthetic=shapes",
-        "data.synthetic_train=16",
-        "data.synthetic_image_size=112",
+        "data.synthetic.kind=shapes",
+        "data.synthetic.train=16",
+        "data.synthetic.image_size=112",
         "data.num_workers=0",
         "train.per_device_batch_size=2",
         "train.grad_accum=1",
@@ -264,7 +264,7 @@ def test_stage_recipe_runs_under_its_own_engine(stage: str, tiny_dirs, tmp_path:
 
 def test_full_finetune_text_recipe_runs_under_zero3(tiny_dirs, tmp_path: Path) -> None:
     """A LLaMAntino-2 full fine-tune recipe as shipped (engine zero3) on 2 ranks, on the tiny LLM."""
-    from llava_ndino.data.text_samples import write_text_samples
+    from llava_ndino.synthetic.text_samples import write_text_samples
 
     data = write_text_samples(tmp_path / "data")["instructions"]
     run_dir = tmp_path / "dolly"

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from llava_ndino.config import load_config
-from llava_ndino.data.dataset import EncodedDataset, ShapesRecords
+from llava_ndino.data.dataset import EncodedDataset
 from llava_ndino.data.encode import ConversationEncoder, collate
 from llava_ndino.data.packing import model_inputs, pack
-from llava_ndino.train.model_setup import build_model
-from llava_ndino.train.tasks import token_loss_sum
+from llava_ndino.model.loading import build_model
+from llava_ndino.synthetic.shapes import ShapesRecords
+from llava_ndino.train.losses import token_loss_sum
 
 pytestmark = [
     pytest.mark.gpu,

@@ -18,7 +18,7 @@ ARGS = [
     "train.max_steps=20",
     "train.log_every=1",
     "train.save_every=20",
-    "data.synthetic_train=400",
+    "data.synthetic.train=400",
 ]
 
 

@@ -9,10 +9,11 @@ import pytest
 
 from llava_ndino.cli import main
 from llava_ndino.config import load_config
-from llava_ndino.data.shapes import generate_samples, majority_baseline
-from llava_ndino.demo import eval_samples, run_demo
+from llava_ndino.demo.run import eval_samples, run_demo
+from llava_ndino.demo.scoring import majority_baseline
+from llava_ndino.synthetic.shapes import generate_samples
 
-SHORT = ["train.max_steps=500", "data.synthetic_eval=120", "train.save_every=1000"]
+SHORT = ["train.max_steps=500", "data.synthetic.eval=120", "train.save_every=1000"]
 
 
 @pytest.mark.slow
@@ -29,7 +30,7 @@ def test_short_demo_learns_from_the_image(tmp_path: Path, capsys) -> None:
         printed.strip().splitlines()[-1]
         == f"demo accuracy: {scores['accuracy']:.2f} ({scores['total']} questions)"
     )
-    assert scores["total"] == cfg.data.synthetic_eval
+    assert scores["total"] == cfg.data.synthetic.eval
     assert scores["accuracy"] >= baseline + 0.2, (
         f"accuracy {scores['accuracy']:.2f}, text-only {baseline:.2f}"
     )

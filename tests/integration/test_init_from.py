@@ -15,15 +15,15 @@ from safetensors.torch import load_file
 
 from llava_ndino.cli import main
 from llava_ndino.config import load_config
-from llava_ndino.train.checkpoint import latest_checkpoint, load_model_weights
+from llava_ndino.formats.run_dir import latest_checkpoint, load_model_weights
+from llava_ndino.model.loading import load_trained
 from llava_ndino.train.loop import train
-from llava_ndino.train.model_setup import load_trained
-from llava_ndino.train.tasks import make_task
+from llava_ndino.train.tasks.registry import make_task
 
 ARGS = [
     "recipe=demo",
-    "model.tiny_hidden_size=64",
-    "data.synthetic_train=16",
+    "model.tiny.hidden_size=64",
+    "data.synthetic.train=16",
     "train.per_device_batch_size=2",
     "train.log_every=1",
     "train.cpu_threads=1",
@@ -43,7 +43,7 @@ def hf_folders(run_a, tmp_path_factory) -> dict[str, Path]:
     """Run A as an `ndino export` folder (in several shards) and as a transformers save_pretrained folder."""
     root = tmp_path_factory.mktemp("hf")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("llava_ndino.export.SHARD_BYTES", 400_000)
+        patch.setattr("llava_ndino.export.vlm.SHARD_BYTES", 400_000)
         assert main(["export", str(run_a), "--out", str(root / "export")]) == 0
     assert len(list((root / "export").glob("model-*-of-*.safetensors"))) > 1
     model, _ = load_trained(run_a)
@@ -119,7 +119,7 @@ def test_bad_paths_name_the_path(run_a, tmp_path: Path) -> None:
 def test_another_model_is_a_clear_error(run_a, tmp_path: Path) -> None:
     extra_layer = r"do not match .* unexpected \(e\.g\. \['model\.language_model\.layers\.2\."
     with pytest.raises(ValueError, match=rf"init_from={re.escape(str(run_a))}: .*{extra_layer}"):
-        _build(tmp_path / "b", f"init_from={run_a}", "model.tiny_layers=2")
+        _build(tmp_path / "b", f"init_from={run_a}", "model.tiny.layers=2")
     narrower = r"shape mismatch for model\.image_newline: \[64\] in the weights, \[32\] in the model"
     with pytest.raises(ValueError, match=narrower):
-        _build(tmp_path / "b", f"init_from={run_a}", "model.tiny_hidden_size=32")
+        _build(tmp_path / "b", f"init_from={run_a}", "model.tiny.hidden_size=32")

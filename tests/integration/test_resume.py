@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from llava_ndino.config import load_config
-from llava_ndino.train.checkpoint import latest_checkpoint
+from llava_ndino.formats.run_dir import latest_checkpoint
 from llava_ndino.train.loop import train
 
 MAX_STEPS = 12
@@ -27,9 +27,9 @@ ARGS = [
     "train.log_every=1",
     "train.per_device_batch_size=4",
     "train.grad_accum=2",
-    "data.synthetic_train=40",
-    "data.synthetic_image_size=112",
-    "model.tiny_hidden_size=64",
+    "data.synthetic.train=40",
+    "data.synthetic.image_size=112",
+    "model.tiny.hidden_size=64",
     "train.keep_last=0",
 ]
 

@@ -17,10 +17,10 @@ from llava_ndino.cli import main
 from llava_ndino.config import load_config
 from llava_ndino.data.dataset import read_records
 from llava_ndino.data.text import PackedCollator, PackedText
-from llava_ndino.data.text_samples import write_text_samples
-from llava_ndino.train.checkpoint import latest_checkpoint, load_model_weights
+from llava_ndino.formats.run_dir import latest_checkpoint, load_model_weights
+from llava_ndino.synthetic.text_samples import write_text_samples
 from llava_ndino.train.loop import train
-from llava_ndino.train.tasks import make_task
+from llava_ndino.train.tasks.registry import make_task
 
 # recipe -> the sample file its data format needs
 RECIPES = {

@@ -18,9 +18,9 @@ from transformers import (
 from transformers.models.llava_next.modeling_llava_next import LlavaNextMultiModalProjector
 
 from llava_ndino import cli
+from llava_ndino.formats.tokens import END_OF_TEXT, EOT
 from llava_ndino.model.build import IMAGE_TOKEN, assemble_from_folders, hf_pinpoints
 from llava_ndino.model.projector import save_projector
-from llava_ndino.model.tokenizer import END_OF_TEXT, EOT
 
 SEED = 1234
 PINPOINTS_HW = [[672, 336], [336, 672], [672, 672], [336, 1008], [1008, 336]]

@@ -87,8 +87,8 @@ def _overrides(path: Path, out: Path) -> list[str]:
     return [
         "recipe=demo",
         f"output_dir={out}",
-        "model.tiny_hidden_size=64",
-        "data.synthetic=null",
+        "model.tiny.hidden_size=64",
+        "data.synthetic.kind=null",
         f"data.path={path}",
         f"data.image_root={path.parent / 'images'}",
         "data.max_length=512",
@@ -144,7 +144,7 @@ def test_validate_reports_the_broken_samples(broken, tmp_path: Path, capsys, dec
         "demo",
         "data.max_length=512",
         "data.max_pixels=400000",
-        "model.tiny_hidden_size=64",
+        "model.tiny.hidden_size=64",
     ]
     assert main(args + (["--decode"] if decode else [])) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -190,8 +190,8 @@ def test_streamed_shards_skip_the_same_broken_samples(broken, tmp_path: Path) ->
 def test_validate_builds_the_assembled_processor_without_loading_weights(tiny_dirs, tmp_path: Path) -> None:
     from llava_ndino.config import ModelConfig
     from llava_ndino.data.lengths import LengthEstimator
-    from llava_ndino.data.validate import load_processor
     from llava_ndino.model.build import assemble_from_folders
+    from llava_ndino.prep.validate import load_processor
 
     config = ModelConfig(source="components", vision=str(tiny_dirs["vision"]), llm=str(tiny_dirs["llm"]))
     light = load_processor(config)

@@ -17,12 +17,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from llava_ndino.formats.run_dir import CheckpointError, latest_checkpoint, resolve_resume
 from llava_ndino.train.checkpoint import (
-    CheckpointError,
     install_termination_handler,
-    latest_checkpoint,
     load_checkpoint,
-    resolve_resume,
     restore_rng_state,
     save_checkpoint,
 )

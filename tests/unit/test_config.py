@@ -68,10 +68,10 @@ def test_demo_recipe_values():
     cfg = load_config(["recipe=demo"])
     assert cfg.output_dir == "runs/demo"
     assert cfg.model.source == "tiny"
-    assert cfg.data.synthetic == "shapes"
+    assert cfg.data.synthetic.kind == "shapes"
     assert cfg.train.trainable == ["projector", "newline", "llm", "vision"]
     assert cfg.train.lr == pytest.approx(1e-3)
-    assert cfg.data.synthetic_image_size == cfg.model.tiny_tile_size == 112
+    assert cfg.data.synthetic.image_size == cfg.model.tiny.tile_size == 112
 
 
 def test_list_recipes_has_demo_with_its_description():
@@ -90,7 +90,7 @@ def test_overrides_are_typed():
             "train.weight_decay=1",
             "train.trainable=[projector,llm]",
             "train.gradient_checkpointing=true",
-            "data.synthetic=null",
+            "data.synthetic.kind=null",
             "data.path=data/train.jsonl",
             "model.vision=openclip:ViT-B-16:openai",
             "output_dir=runs/x",
@@ -101,7 +101,7 @@ def test_overrides_are_typed():
     assert cfg.train.weight_decay == 1.0 and type(cfg.train.weight_decay) is float
     assert cfg.train.trainable == ["projector", "llm"]
     assert cfg.train.gradient_checkpointing is True
-    assert cfg.data.synthetic is None
+    assert cfg.data.synthetic.kind is None
     assert cfg.data.path == "data/train.jsonl"
     assert cfg.model.vision == "openclip:ViT-B-16:openai"
     assert cfg.output_dir == "runs/x"
@@ -192,8 +192,8 @@ def test_out_of_range_value_is_an_error():
 
 @pytest.mark.parametrize("patch", [0, 30])
 def test_tiny_patch_must_divide_the_tile(patch: int):
-    with pytest.raises(RecipeError, match=re.escape(f"model.tiny_patch_size={patch} must divide")):
-        load_config(["recipe=demo", f"model.tiny_patch_size={patch}"])
+    with pytest.raises(RecipeError, match=re.escape(f"model.tiny.patch_size={patch} must divide")):
+        load_config(["recipe=demo", f"model.tiny.patch_size={patch}"])
 
 
 def test_resolved_config_round_trips(tmp_path: Path):

@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from llava_ndino.config import load_config
-from llava_ndino.data.dataset import Collator, EncodedDataset, ShapesRecords
+from llava_ndino.data.dataset import Collator, EncodedDataset
 from llava_ndino.data.encode import ConversationEncoder, collate
 from llava_ndino.data.grouping import GroupedSampler
 from llava_ndino.data.packing import model_inputs, pack, plan_rows
-from llava_ndino.train.model_setup import build_model
-from llava_ndino.train.tasks import token_loss_sum
+from llava_ndino.model.loading import build_model
+from llava_ndino.synthetic.shapes import ShapesRecords
+from llava_ndino.train.losses import token_loss_sum
 
-TINY = ["recipe=demo", "output_dir=unused", "model.tiny_hidden_size=64", "data.synthetic_image_size=112"]
+TINY = ["recipe=demo", "output_dir=unused", "model.tiny.hidden_size=64", "data.synthetic.image_size=112"]
 
 
 @pytest.fixture(scope="module")

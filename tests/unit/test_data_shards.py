@@ -15,16 +15,10 @@ from torch.utils.data import DataLoader
 from llava_ndino.cli import main
 from llava_ndino.data.manifests import load_manifests, load_mixtures, resolve_mixture
 from llava_ndino.data.mixture import map_style_mixture, mixture_parts
-from llava_ndino.data.shapes import write_shapes_dataset
-from llava_ndino.data.shards import (
-    ShardFile,
-    ShardRecords,
-    hf_items,
-    llava_items,
-    verify_shards,
-    write_shards,
-)
+from llava_ndino.data.shards import ShardFile, ShardRecords, verify_shards
 from llava_ndino.data.streaming import ShardStream
+from llava_ndino.prep.shards import hf_items, llava_items, write_shards
+from llava_ndino.synthetic.shapes import write_shapes_dataset
 
 
 class IdEncoder:
@@ -160,7 +154,7 @@ def test_manifests_mixtures_and_data_list(tmp_path: Path, capsys, monkeypatch, s
 def test_validate_and_train_data_from_manifests_and_shards(tmp_path: Path, monkeypatch, shapes_json) -> None:
     from llava_ndino.config import load_config
     from llava_ndino.data.dataset import EncodedDataset
-    from llava_ndino.train.tasks import make_task
+    from llava_ndino.train.tasks.registry import make_task
 
     root = tmp_path / "root"
     long_it = load_manifests()["llava_instruct_conv_58k_ita"]
@@ -177,7 +171,7 @@ def test_validate_and_train_data_from_manifests_and_shards(tmp_path: Path, monke
         assert summary["usable"] == 24 and summary["images"]["count"] == 24 and summary["rejected"] == {}
 
     task = make_task(
-        load_config(["recipe=demo", "output_dir=x", "data.synthetic=null", "data.mixture=long_it"])
+        load_config(["recipe=demo", "output_dir=x", "data.synthetic.kind=null", "data.mixture=long_it"])
     )
     task.build()
     mixture = task.dataset()

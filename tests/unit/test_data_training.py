@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from llava_ndino.config import load_config
-from llava_ndino.data.shapes import write_shapes_dataset
-from llava_ndino.data.shards import llava_items, write_shards
+from llava_ndino.prep.shards import llava_items, write_shards
+from llava_ndino.synthetic.shapes import write_shapes_dataset
 from llava_ndino.train.loop import train
 
 
@@ -51,8 +51,8 @@ def test_resume_is_exact(shapes: Path, tmp_path: Path, mode: str) -> None:
         ]
     args = [
         "recipe=demo",
-        "model.tiny_hidden_size=64",
-        "data.synthetic=null",
+        "model.tiny.hidden_size=64",
+        "data.synthetic.kind=null",
         "train.per_device_batch_size=2",
         "train.schedule=constant",  # a 3-step run ends its cosine at lr 0; constant keeps runs comparable
         "train.log_every=1",

@@ -23,8 +23,8 @@ TINY = [
     "train.max_steps=2",
     "train.save_every=2",
     "train.per_device_batch_size=2",
-    "data.synthetic_train=16",
-    "model.tiny_hidden_size=64",
+    "data.synthetic.train=16",
+    "model.tiny.hidden_size=64",
     "train.cpu_threads=1",
 ]
 

@@ -12,13 +12,14 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import AutoProcessor, LlavaNextConfig, LlavaNextForConditionalGeneration
 
-from llava_ndino import export
 from llava_ndino.cli import main
-from llava_ndino.export import save_llava_folder
+from llava_ndino.export import vlm as export
+from llava_ndino.export.vlm import save_llava_folder
 from llava_ndino.infer import Answerer
+from llava_ndino.model import hf_files
 from llava_ndino.model.build import assemble_from_folders
+from llava_ndino.model.loading import load_trained, save_skeleton
 from llava_ndino.train.checkpoint import save_checkpoint
-from llava_ndino.train.model_setup import load_trained, save_skeleton
 
 LEGACY_PREFIXES = (
     "vision_tower.vision_model.",
@@ -189,7 +190,7 @@ def test_scaled_rope_is_written_for_transformers4(original, tmp_path: Path) -> N
     rope |= {"high_freq_factor": 4.0, "original_max_position_embeddings": 4096}
     config["text_config"]["rope_parameters"] = rope
     (tmp_path / "config.json").write_text(json.dumps(config))
-    export.make_config_portable(tmp_path)
+    hf_files.make_config_portable(tmp_path)
     text = json.loads((tmp_path / "config.json").read_text())["text_config"]
     assert text["rope_theta"] == 500000.0
     assert text["rope_scaling"] == {k: v for k, v in rope.items() if k != "rope_theta"}

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from llava_ndino.cli import main
-from llava_ndino.export import save_llava_folder
+from llava_ndino.export.vlm import save_llava_folder
 from llava_ndino.infer import Answerer, load_answerer
-from llava_ndino.train.model_setup import load_trained
+from llava_ndino.model.loading import load_trained
 
 SIZES_WH = [(200, 100), (100, 300), (336, 336)]
 QUESTIONS = ["Cosa c'è nell'immagine?", "Di che colore è il cerchio?", "Descrivi la scena."]

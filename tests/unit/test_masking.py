@@ -9,8 +9,8 @@ from transformers import AutoProcessor, AutoTokenizer
 
 from llava_ndino.data.conversation import SampleError
 from llava_ndino.data.encode import IGNORE_INDEX, ConversationEncoder, collate
+from llava_ndino.formats.tokens import BEGIN_OF_TEXT, END_OF_TEXT, EOT
 from llava_ndino.model.build import PAD_TOKEN, add_vlm_tokens
-from llava_ndino.model.tokenizer import BEGIN_OF_TEXT, END_OF_TEXT, EOT
 
 SYSTEM = "Sei un assistente che risponde in italiano."
 Q1, A1 = "Cosa c'è nella foto?", " Un gatto che dorme sul divano. \n"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from llava_ndino.config import load_config
+from llava_ndino.model.loading import build_model
 from llava_ndino.train.metrics import flops_per_step
-from llava_ndino.train.model_setup import build_model
 
-TINY = ["recipe=demo", "output_dir=unused", "model.tiny_hidden_size=64"]
+TINY = ["recipe=demo", "output_dir=unused", "model.tiny.hidden_size=64"]
 
 
 def _batch(tiles: int = 3) -> dict[str, torch.Tensor]:

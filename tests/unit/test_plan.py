@@ -14,8 +14,9 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 
 from llava_ndino import cli
 from llava_ndino.config import load_config
-from llava_ndino.model.dimensions import PRESETS, TextShape, VisionShape, model_shape
-from llava_ndino.plan import (
+from llava_ndino.model.loading import build_model
+from llava_ndino.plan.dimensions import PRESETS, TextShape, VisionShape, model_shape
+from llava_ndino.plan.planner import (
     CONTEXT_BYTES,
     CPU_FP32,
     ENGINES,
@@ -27,8 +28,8 @@ from llava_ndino.plan import (
     text_layer_bytes,
     vision_layer_bytes,
 )
-from llava_ndino.train.model_setup import build_model, part_modules
-from llava_ndino.train.tasks import LOSS_CHUNK, LOSS_CHUNK_ABOVE
+from llava_ndino.train.losses import LOSS_CHUNK, LOSS_CHUNK_ABOVE
+from llava_ndino.train.parts import part_modules
 
 BF16 = Precision.for_gpu(2)
 ALL = {"vision", "projector", "llm", "newline"}
@@ -44,7 +45,7 @@ def _real_part_counts(model) -> dict[str, int]:
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["model.tiny_hidden_size=96", "model.tiny_layers=3", "model.tiny_vision_hidden_size=48"]],
+    [[], ["model.tiny.hidden_size=96", "model.tiny.layers=3", "model.tiny.vision_hidden_size=48"]],
 )
 def test_tiny_counts_equal_the_real_model(overrides):
     cfg = load_config(["recipe=demo", *overrides])

@@ -7,7 +7,8 @@ from itertools import combinations
 import pytest
 from PIL import Image
 
-from llava_ndino.data.shapes import (
+from llava_ndino.demo.scoring import majority_baseline, normalize_answer, score_exact_match
+from llava_ndino.synthetic.shapes import (
     BACKGROUND,
     COLOURS,
     FEMININE,
@@ -18,12 +19,9 @@ from llava_ndino.data.shapes import (
     ShapesSample,
     describe_scene,
     generate_samples,
-    majority_baseline,
     make_dialogue,
-    normalize_answer,
     questions_for_scene,
     render_scene,
-    score_exact_match,
     shape_bbox,
     shape_centre,
     to_llava_record,

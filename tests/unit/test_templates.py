@@ -8,7 +8,7 @@ from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer
 
 from llava_ndino.data.encode import ConversationEncoder
-from llava_ndino.data.templates import (
+from llava_ndino.formats.prompts import (
     LLAMA3_MULTIMODAL_TEMPLATE,
     Message,
     content_to_text,

@@ -13,13 +13,6 @@ from transformers import AutoModelForCausalLM
 from llava_ndino.data.dataset import EncodedDataset, JsonRecords, Skipped
 from llava_ndino.data.encode import IGNORE_INDEX
 from llava_ndino.data.packing import model_inputs
-from llava_ndino.data.templates import (
-    ALPACA_IT_PREAMBLE,
-    ANITA_SYSTEM_PROMPT,
-    LLAMANTINO2_SYSTEM_PROMPT,
-    Message,
-    get_template,
-)
 from llava_ndino.data.text import (
     PackedCollator,
     PackedText,
@@ -27,6 +20,13 @@ from llava_ndino.data.text import (
     PreferenceEncoder,
     SftEncoder,
     text_conversation,
+)
+from llava_ndino.formats.prompts import (
+    ALPACA_IT_PREAMBLE,
+    ANITA_SYSTEM_PROMPT,
+    LLAMANTINO2_SYSTEM_PROMPT,
+    Message,
+    get_template,
 )
 from llava_ndino.model.peft_setup import prepare_tokenizer
 

@@ -11,10 +11,10 @@ import torch
 
 from llava_ndino.config import load_config
 from llava_ndino.data.encode import IGNORE_INDEX
-from llava_ndino.data.text_samples import write_text_samples
+from llava_ndino.synthetic.text_samples import write_text_samples
 from llava_ndino.train.optim import make_optimizer
-from llava_ndino.train.tasks import make_task
-from llava_ndino.train.text_tasks import TextTask
+from llava_ndino.train.tasks.registry import make_task
+from llava_ndino.train.tasks.text import TextTask
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
 
-from llava_ndino.model.tiny import POSITION_INIT_STD, TinySizes, tiny_vision_tower, write_tiny
-from llava_ndino.model.tokenizer import (
+from llava_ndino.formats.tokens import (
     BEGIN_OF_TEXT,
     END_HEADER,
     END_OF_TEXT,
@@ -17,6 +17,7 @@ from llava_ndino.model.tokenizer import (
     LLAMA3_CHAT_TEMPLATE,
     START_HEADER,
 )
+from llava_ndino.model.tiny import FOLDER_SIZES, POSITION_INIT_STD, tiny_vision_tower, write_tiny
 
 SPECIALS = [BEGIN_OF_TEXT, END_OF_TEXT, START_HEADER, END_HEADER, EOT]
 WEIGHT_FILES = ["vision/model.safetensors", "llm/model.safetensors", "openclip/open_clip_model.safetensors"]
@@ -25,7 +26,7 @@ WEIGHT_FILES = ["vision/model.safetensors", "llm/model.safetensors", "openclip/o
 @pytest.fixture(scope="module")
 def second_copy(tmp_path_factory):
     """A second ``write_tiny`` with the fixture's sizes and seed."""
-    return write_tiny(tmp_path_factory.mktemp("tiny_again"), TinySizes(), seed=0)
+    return write_tiny(tmp_path_factory.mktemp("tiny_again"), FOLDER_SIZES, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +43,14 @@ def test_same_seed_gives_byte_identical_files(tiny_dirs, second_copy):
 
 
 def test_other_seed_gives_other_weights(tiny_dirs, tmp_path):
-    other = write_tiny(tmp_path, TinySizes(), seed=5)
+    other = write_tiny(tmp_path, FOLDER_SIZES, seed=5)
     root = tiny_dirs["vision"].parent
     for name in WEIGHT_FILES:
         assert (root / name).read_bytes() != (other["vision"].parent / name).read_bytes(), name
 
 
 def test_tokenizer_has_llama3_specials(tokenizer):
-    bpe_size = TinySizes().vocab_size
+    bpe_size = FOLDER_SIZES.vocab_size
     for token in SPECIALS:
         token_id = tokenizer.convert_tokens_to_ids(token)
         assert token_id >= bpe_size  # after the BPE ids, as LLaMA-3's start at 128000
@@ -90,7 +91,7 @@ def test_llm_and_vision_configs(tiny_dirs, tokenizer):
 
 def test_tiny_tower_position_embeddings_start_as_strong_as_patch_content():
     torch.manual_seed(0)
-    tower = tiny_vision_tower(TinySizes(image_size=112, patch_size=28, vision_hidden=64))
+    tower = tiny_vision_tower(replace(FOLDER_SIZES, tile_size=112, patch_size=28, vision_hidden_size=64))
     embeddings = tower.embeddings
     position_std = embeddings.position_embedding.weight.std().item()
     assert abs(position_std - POSITION_INIT_STD) < 0.1

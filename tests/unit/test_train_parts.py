@@ -12,20 +12,16 @@ import torch
 from PIL import Image
 
 from llava_ndino.config import load_config
-from llava_ndino.data.dataset import (
-    Collator,
-    EncodedDataset,
-    JsonRecords,
-    ResumableSampler,
-    ShapesRecords,
-    Skipped,
-)
+from llava_ndino.data.dataset import Collator, EncodedDataset, JsonRecords, ResumableSampler, Skipped
 from llava_ndino.data.encode import ConversationEncoder
+from llava_ndino.model.loading import build_model
+from llava_ndino.synthetic.shapes import ShapesRecords
 from llava_ndino.train.loop import SkipTracker
-from llava_ndino.train.model_setup import apply_trainable, build_model, param_groups
-from llava_ndino.train.tasks import label_positions, make_task, token_loss_sum
+from llava_ndino.train.losses import label_positions, token_loss_sum
+from llava_ndino.train.parts import apply_trainable, param_groups
+from llava_ndino.train.tasks.registry import make_task
 
-TINY = ["recipe=demo", "output_dir=unused", "model.tiny_hidden_size=64", "data.synthetic_image_size=112"]
+TINY = ["recipe=demo", "output_dir=unused", "model.tiny.hidden_size=64", "data.synthetic.image_size=112"]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +82,7 @@ def test_skip_tracker_tolerates_ratio_below_limit(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("patch", [14, 28])
 def test_tiny_patch_size_reaches_tower_processor_and_forward(patch: int) -> None:
-    cfg = load_config([*TINY, f"model.tiny_patch_size={patch}"])
+    cfg = load_config([*TINY, f"model.tiny.patch_size={patch}"])
     model, processor = build_model(cfg.model, seed=0)
     side = 112 // patch
     assert model.config.vision_config.patch_size == processor.patch_size == patch
@@ -181,7 +177,7 @@ def test_loss_on_label_positions_only_equals_full_logits(tiny_vlm) -> None:
 def test_chunked_loss_equals_one_pass(tiny_vlm, monkeypatch) -> None:
     """Above LOSS_CHUNK_ABOVE positions the loss runs chunk by chunk (ChunkedCrossEntropy); loss and
     gradients equal the one-pass loss (forced here with tiny chunks, uneven last chunk included)."""
-    from llava_ndino.train import tasks
+    from llava_ndino.train import losses as tasks
 
     cfg, model, processor = tiny_vlm
     apply_trainable(model, ["projector", "llm", "vision", "newline"])

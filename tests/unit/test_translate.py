@@ -10,8 +10,8 @@ import pytest
 from transformers import T5Config, T5ForConditionalGeneration
 
 from llava_ndino.cli import main
-from llava_ndino.data.translate import MadladTranslator, split_text, translate_file, translate_records
 from llava_ndino.model.tokenizer import train_tiny_tokenizer
+from llava_ndino.prep.translate import MadladTranslator, split_text, translate_file, translate_records
 
 RECORDS = [
     {

@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
 
-from llava_ndino.model.tiny import mark_tokenizer_portable
-from llava_ndino.model.tokenizer import END_OF_TEXT, EOT
+from llava_ndino.formats.tokens import END_OF_TEXT, EOT
+from llava_ndino.model.hf_files import make_config_portable, make_tokenizer_portable
 
 log = logging.getLogger(__name__)
 
@@ -89,44 +89,6 @@ def write_sharded_safetensors(tensors: Iterator[tuple[str, torch.Tensor]], out_d
         weight_map.update(dict.fromkeys(keys, name))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def make_config_portable(folder: Path) -> None:
-    """Add the 4.x spelling of 5.x-only fields to ``folder/config.json`` (5.x reads both).
-
-    transformers 5 stores RoPE as ``text_config.rope_parameters`` only; 4.x ignores that and silently
-    falls back to ``rope_theta=10000`` (LLaMA-3 needs 500000), so ``rope_theta`` and, for scaled RoPE
-    (LLaMA-3.1's ``llama3``), ``rope_scaling`` are written beside it.
-    """
-    path = Path(folder) / "config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
-    config.setdefault("architectures", [LlavaNextForConditionalGeneration.__name__])
-    text = config.get("text_config") or {}
-    rope = text.get("rope_parameters")
-    if isinstance(rope, dict) and "rope_theta" in rope:
-        text["rope_theta"] = rope["rope_theta"]
-        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-        if scaling.get("rope_type", "default") != "default":
-            text["rope_scaling"] = scaling
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def make_tokenizer_portable(folder: Path) -> None:
-    """Make ``folder/tokenizer_config.json`` loadable by transformers 4.x as well as 5.x.
-
-    Besides the tokenizer class (see :func:`mark_tokenizer_portable`), 5.x writes extra special
-    tokens such as ``<image>`` as a list under ``extra_special_tokens``, where 4.x expects a dict
-    and crashes; both versions read a list under ``additional_special_tokens``.
-    """
-    mark_tokenizer_portable(folder)
-    path = Path(folder) / "tokenizer_config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
-    extra = config.get("extra_special_tokens")
-    if isinstance(extra, list):
-        del config["extra_special_tokens"]
-        known = config.get("additional_special_tokens") or []
-        config["additional_special_tokens"] = known + [t for t in extra if t not in known]
-    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 @contextmanager

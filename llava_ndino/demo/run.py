@@ -10,23 +10,18 @@ import secrets
 from pathlib import Path
 
 from llava_ndino.config import RunConfig, load_config
-from llava_ndino.data.shapes import (
-    QUESTION_TYPES,
-    ShapesSample,
-    majority_baseline,
-    make_sample,
-    score_exact_match,
-)
-from llava_ndino.export import save_llava_folder
+from llava_ndino.demo.scoring import majority_baseline, score_exact_match
+from llava_ndino.export.vlm import save_llava_folder
 from llava_ndino.infer import Answerer
+from llava_ndino.model.loading import load_trained
+from llava_ndino.synthetic.shapes import QUESTION_TYPES, ShapesSample, make_sample
+from llava_ndino.train.data_factory import record_source
 from llava_ndino.train.loop import train
-from llava_ndino.train.model_setup import load_trained
-from llava_ndino.train.tasks import VlmSftTask
 
 
 def eval_samples(cfg: RunConfig) -> list[ShapesSample]:
     """The held-out questions: the eval split of the synthetic set (a seed disjoint from training)."""
-    source = VlmSftTask(cfg).source("eval")
+    source = record_source(cfg, "eval")
     return [make_sample(i, source.seed, source.image_size, source.image_size) for i in range(len(source))]
 
 
@@ -66,7 +61,7 @@ def run_demo(overrides: list[str], train_first: bool = True) -> dict:
     answerer = Answerer.from_path(export_dir)
 
     fresh = make_sample(
-        0, secrets.randbelow(10**9) + 10**9, cfg.data.synthetic_image_size, cfg.data.synthetic_image_size
+        0, secrets.randbelow(10**9) + 10**9, cfg.data.synthetic.image_size, cfg.data.synthetic.image_size
     )
     image_path = Path(cfg.output_dir) / "fresh_image.png"
     fresh.image.save(image_path)
@@ -76,7 +71,7 @@ def run_demo(overrides: list[str], train_first: bool = True) -> dict:
     )
 
     samples = eval_samples(cfg)
-    train_source = VlmSftTask(cfg).source("train")
+    train_source = record_source(cfg, "train")
     baseline_train = [make_sample(i, train_source.seed, 32, 32) for i in range(min(len(train_source), 2000))]
     scores = evaluate(answerer, samples)
     print(format_report(scores, majority_baseline(baseline_train, samples)))

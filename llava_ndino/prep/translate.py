@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from llava_ndino.data.dataset import read_records
-from llava_ndino.data.templates import IMAGE_PLACEHOLDER
+from llava_ndino.formats.prompts import IMAGE_PLACEHOLDER
 
 Translate = Callable[[list[str]], list[str]]
 MADLAD_PREFIX = "<2it> "

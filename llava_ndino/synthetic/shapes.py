@@ -52,6 +52,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from llava_ndino.data.dataset import RecordSource
+
 QUESTION_TYPES: tuple[str, ...] = ("colore", "conteggio", "posizione", "forma")
 KINDS: tuple[str, ...] = ("cerchio", "quadrato", "triangolo")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -294,49 +296,19 @@ def write_shapes_dataset(out_dir: Path, n: int, seed: int, width: int = 224, hei
     return json_path
 
 
-def normalize_answer(text: str) -> str:
-    """Lowercase, collapse whitespace and drop trailing punctuation, for exact-match scoring."""
-    return " ".join(text.lower().split()).rstrip(" .,;:!?")
+class ShapesRecords(RecordSource):
+    """The synthetic Italian shapes set, generated on the fly from (seed, index): single questions, or
+    multi-turn dialogues (the training form)."""
 
+    def __init__(self, count: int, seed: int, image_size: int, dialogues: bool = False):
+        self.count, self.seed, self.image_size, self.dialogues = count, seed, image_size, dialogues
 
-def score_exact_match(predictions: Sequence[str], samples: Sequence[ShapesSample]) -> dict:
-    """Score normalised exact match of ``predictions`` against ``samples``.
+    def __len__(self) -> int:
+        return self.count
 
-    Returns ``{"accuracy", "correct", "total", "per_type": {qtype: {"accuracy", "correct",
-    "total"}}}``, with ``per_type`` listing only the types present.
-    """
-    if len(predictions) != len(samples):
-        raise ValueError(f"{len(predictions)} predictions for {len(samples)} samples")
-    correct: Counter[str] = Counter()
-    total: Counter[str] = Counter()
-    for prediction, sample in zip(predictions, samples, strict=True):
-        total[sample.qtype] += 1
-        correct[sample.qtype] += normalize_answer(prediction) == normalize_answer(sample.answer)
-    per_type = {
-        qtype: {"accuracy": correct[qtype] / total[qtype], "correct": correct[qtype], "total": total[qtype]}
-        for qtype in QUESTION_TYPES
-        if total[qtype]
-    }
-    n_correct, n_total = sum(correct.values()), len(samples)
-    return {
-        "accuracy": n_correct / n_total if n_total else 0.0,
-        "correct": n_correct,
-        "total": n_total,
-        "per_type": per_type,
-    }
-
-
-def majority_baseline(train: Sequence[ShapesSample], eval: Sequence[ShapesSample]) -> float:
-    """Accuracy on ``eval`` of a text-only guesser: the most frequent training answer to the exact
-    question string, falling back to the most frequent answer of the question type, then overall."""
-    by_question: dict[str, Counter[str]] = {}
-    by_type: dict[str, Counter[str]] = {}
-    for sample in train:
-        by_question.setdefault(sample.question, Counter())[sample.answer] += 1
-        by_type.setdefault(sample.qtype, Counter())[sample.answer] += 1
-    overall = Counter(sample.answer for sample in train)
-    predictions = []
-    for sample in eval:
-        counts = by_question.get(sample.question) or by_type.get(sample.qtype) or overall
-        predictions.append(counts.most_common(1)[0][0] if counts else "")
-    return score_exact_match(predictions, eval)["accuracy"]
+    def get(self, index: int) -> tuple[dict, list[Image.Image]]:
+        if self.dialogues:
+            record, image = make_dialogue(index, self.seed, self.image_size, self.image_size)
+            return record, [image]
+        sample = make_sample(index, self.seed, self.image_size, self.image_size)
+        return to_llava_record(sample, f"{sample.id}.png"), [sample.image]

@@ -186,7 +186,7 @@ def model_shape(cfg: RunConfig, preset: str | None = None) -> ModelShape:
         return preset_shape(preset)
     model, fallback = cfg.model, PRESETS["ndino-8b"]
     if model.source == "tiny":
-        from llava_ndino.train.model_setup import build_model
+        from llava_ndino.model.loading import build_model
 
         logging.disable(logging.INFO)  # building logs the embedding resize
         try:

@@ -160,7 +160,7 @@ def load_processor(model_cfg):
     if model_cfg.source == "components" and vision and model_cfg.llm and not vision.startswith("openclip:"):
         from transformers import AutoTokenizer, CLIPVisionConfig, LlavaNextProcessor
 
-        from llava_ndino.data.templates import llava_chat_template
+        from llava_ndino.formats.prompts import llava_chat_template
         from llava_ndino.model.build import IMAGE_TOKEN, add_vlm_tokens, make_image_processor
 
         config = CLIPVisionConfig.from_pretrained(vision)
@@ -179,7 +179,7 @@ def load_processor(model_cfg):
             image_token=IMAGE_TOKEN,
             num_additional_image_tokens=1,
         )
-    from llava_ndino.train.model_setup import build_model
+    from llava_ndino.model.loading import build_model
 
     return build_model(model_cfg, seed=0)[1]
 

@@ -1,6 +1,7 @@
-"""Model construction for training and inference: from a recipe, from a run directory or checkpoint,
-or from an HF LlavaNext folder; weight initialisation from an earlier stage (``init_from``); plus
-freezing by part and per-part learning rates."""
+"""Models for training and inference: build the model a recipe asks for, load a trained run,
+checkpoint or HF LlavaNext folder, and initialise from an earlier stage's weights (``init_from``)
+whatever the key layout (transformers 4.x/5.x, original LLaVA-NeXT).
+"""
 
 from __future__ import annotations
 
@@ -17,45 +18,34 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoProcessor, LlavaNextConfig, LlavaNextForConditionalGeneration
 
-from llava_ndino.config import ModelConfig, RunConfig, TrainConfig
+from llava_ndino.config import ModelConfig, RunConfig
+from llava_ndino.formats.run_dir import SKELETON_DIR, find_checkpoint, load_model_weights, resolve_resume
 from llava_ndino.model.build import (
     LoadOptions,
     assemble,
     assemble_from_folders,
-    describe_parameters,
     load_llava,
     make_image_processor,
 )
-from llava_ndino.model.tiny import TinySizes, tiny_llm, tiny_vision_tower
+from llava_ndino.model.tiny import tiny_llm, tiny_vision_tower
 from llava_ndino.model.tokenizer import train_tiny_tokenizer
-from llava_ndino.train.checkpoint import load_model_weights, resolve_resume
 
 log = logging.getLogger(__name__)
-
-PARTS = ("vision", "projector", "llm", "newline")
-SKELETON_DIR = "model"
 
 
 def build_model(cfg: ModelConfig, seed: int) -> tuple[LlavaNextForConditionalGeneration, object]:
     """Build the model and processor a recipe asks for (weights are seeded for reproducibility)."""
-    from llava_ndino.data.templates import llava_chat_template
+    from llava_ndino.formats.prompts import llava_chat_template
 
     torch.manual_seed(seed)
     options = LoadOptions(dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
     projector = Path(cfg.projector) if cfg.projector else None
     if cfg.source == "tiny":
-        sizes = TinySizes(
-            image_size=cfg.tiny_tile_size,
-            patch_size=cfg.tiny_patch_size,
-            vision_hidden=cfg.tiny_vision_hidden_size,
-            vision_layers=cfg.tiny_vision_layers,
-            llm_hidden=cfg.tiny_hidden_size,
-            llm_layers=cfg.tiny_layers,
-        )
+        sizes = cfg.tiny
         tokenizer = train_tiny_tokenizer(vocab_size=sizes.vocab_size)
         vision = tiny_vision_tower(sizes)
         llm = tiny_llm(tokenizer, sizes)
-        image_processor = make_image_processor(sizes.image_size)
+        image_processor = make_image_processor(sizes.tile_size)
         model, processor = assemble(vision, llm, tokenizer, image_processor, llava_chat_template(), projector)
         model.set_attn_implementation(cfg.attn_implementation)
         return model, processor
@@ -78,26 +68,12 @@ def save_skeleton(model: LlavaNextForConditionalGeneration, processor, run_dir: 
     return out
 
 
-def _checkpoint_dir(path: Path) -> Path | None:
-    """Return the checkpoint to load for ``path`` (a run dir or a checkpoint dir), or None."""
-    from llava_ndino.train.checkpoint import latest_checkpoint
-
-    if (path / "trainer_state.json").is_file():
-        return path
-    if (path / "checkpoints").is_dir():
-        ckpt = latest_checkpoint(path)
-        if ckpt is None:
-            raise FileNotFoundError(f"run directory {path} has no complete checkpoint yet")
-        return ckpt
-    return None
-
-
 def load_trained(
     path: Path, options: LoadOptions | None = None
 ) -> tuple[LlavaNextForConditionalGeneration, object]:
     """Load a model for inference or export from a run directory, a checkpoint or an HF LlavaNext folder."""
     path = Path(path)
-    ckpt = _checkpoint_dir(path)
+    ckpt = find_checkpoint(path)
     if ckpt is None:
         return load_llava(path, options)
     skeleton = ckpt.parent.parent / SKELETON_DIR
@@ -141,6 +117,8 @@ _INIT_FROM_HINT = (
     "pass a run directory, a checkpoint (RUN/checkpoints/step_N) or an HF LlavaNext folder "
     "(config.json + *.safetensors, e.g. `ndino export` output)"
 )
+
+
 # Every LlavaNext key layout -> one canonical name: transformers 5 in memory (model.vision_tower.*,
 # model.language_model.*, lm_head.*), its save_pretrained (language_model.model.*, vision_tower.*)
 # and the original LLaVA-NeXT layout of our exports and released checkpoints (vision_tower.vision_model.*).
@@ -175,7 +153,7 @@ def load_init_weights(model: nn.Module, path: Path) -> None:
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"init_from={path} does not exist: {_INIT_FROM_HINT}")
-    ckpt = _checkpoint_dir(path)
+    ckpt = find_checkpoint(path)
     if ckpt is not None:
         state = load_model_weights(ckpt)
         shapes = {key: tuple(tensor.shape) for key, tensor in state.items()}
@@ -254,49 +232,3 @@ def _copy_into(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     own = model.state_dict()
     for key, tensor in state.items():
         own[key].copy_(tensor)
-
-
-def part_modules(model: LlavaNextForConditionalGeneration) -> dict[str, list[nn.Parameter]]:
-    """Return the parameters of each trainable part: vision, projector, llm (incl. lm_head), newline."""
-    inner = model.model
-    return {
-        "vision": list(inner.vision_tower.parameters()),
-        "projector": list(inner.multi_modal_projector.parameters()),
-        "llm": list(inner.language_model.parameters()) + list(model.lm_head.parameters()),
-        "newline": [inner.image_newline],
-    }
-
-
-def apply_trainable(model: LlavaNextForConditionalGeneration, trainable: list[str]) -> None:
-    """Freeze every part not in ``trainable`` and log the trainable/frozen parameter table."""
-    unknown = set(trainable) - set(PARTS)
-    if unknown:
-        raise ValueError(f"unknown trainable part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
-    for name, params in part_modules(model).items():
-        for param in params:
-            param.requires_grad_(name in trainable)
-    log.info("parameters by part:\n%s", describe_parameters(model))
-
-
-def param_groups(model: LlavaNextForConditionalGeneration, cfg: TrainConfig) -> list[dict]:
-    """AdamW groups per part (vision/projector may have their own lr); no weight decay on 1-D params."""
-    lrs = {"vision": cfg.lr_vision or cfg.lr, "projector": cfg.lr_projector or cfg.lr}
-    groups = []
-    seen: set[int] = set()
-    for name, params in part_modules(model).items():
-        live = [p for p in params if p.requires_grad and id(p) not in seen]
-        seen.update(id(p) for p in live)
-        for decay in (True, False):
-            chosen = [p for p in live if (p.ndim >= 2) == decay]
-            if chosen:
-                groups.append(
-                    {
-                        "params": chosen,
-                        "lr": lrs.get(name, cfg.lr),
-                        "weight_decay": cfg.weight_decay if decay else 0.0,
-                        "name": f"{name}{'' if decay else '_no_decay'}",
-                    }
-                )
-    if not groups:
-        raise ValueError("nothing to train: train.trainable selects no parameters")
-    return groups

@@ -16,14 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
 from llava_ndino.data.dataset import Batch, Collator, EncodedDataset, JsonRecords, read_records
-from llava_ndino.data.encode import IGNORE_INDEX
 from llava_ndino.data.packing import model_inputs
-from llava_ndino.data.templates import get_template
 from llava_ndino.data.text import (
     PackedCollator,
     PackedText,
@@ -31,11 +28,13 @@ from llava_ndino.data.text import (
     PreferenceEncoder,
     SftEncoder,
 )
-from llava_ndino.model.peft_setup import add_lora, load_causal_lm
-from llava_ndino.model.tiny import mark_tokenizer_portable
+from llava_ndino.formats.prompts import get_template
+from llava_ndino.formats.run_dir import SKELETON_DIR
+from llava_ndino.model.hf_files import mark_tokenizer_portable
+from llava_ndino.model.peft_setup import adapter_names, add_lora, load_causal_lm, load_text_state
+from llava_ndino.train.losses import dpo_loss_sum, label_positions, sequence_logps
 from llava_ndino.train.metrics import lm_flops
-from llava_ndino.train.model_setup import SKELETON_DIR
-from llava_ndino.train.tasks import TASKS, Task, label_positions, shift_for_next_token
+from llava_ndino.train.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
@@ -83,27 +82,14 @@ class TextTask(Task):
         ]
         return [g for g in groups if g["params"]]
 
-    def _adapter_names(self) -> set[str]:
-        return {name for name, p in self.model.named_parameters() if p.requires_grad}
-
     def checkpoint_state(self, model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not self.cfg.lora.enabled:
             return model_state
-        names = self._adapter_names()
+        names = adapter_names(self.model)
         return {k: v for k, v in model_state.items() if k in names}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        if not self.cfg.lora.enabled:
-            super().load_state(state)
-            return
-        names = self._adapter_names()
-        missing, unexpected = sorted(names - state.keys()), sorted(state.keys() - names)
-        if missing or unexpected:
-            raise ValueError(
-                f"the checkpoint's adapters do not match this model (missing {missing[:3]}, unexpected "
-                f"{unexpected[:3]}): resume with the lora.* settings the run was started with"
-            )
-        self.model.load_state_dict(state, strict=False)
+        load_text_state(self.model, state, self.cfg.lora.enabled)
 
     def data_path(self, split: str) -> Path:
         """``data.path`` (text objectives have one split, train)."""
@@ -144,38 +130,6 @@ class SftTask(TextTask):
     def collator(self) -> Callable[[list], Batch]:
         data = self.cfg.data
         return Collator(self.tokenizer.pad_token_id, data.packing, data.pack_length)
-
-
-def sequence_logps(
-    logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Summed log-probability of each row's labelled tokens (next-token shift, ``-100`` ignored), in fp32.
-
-    ``logits`` cover every position, or only ``positions`` (from :func:`label_positions`) when given.
-    """
-    shifted, targets = shift_for_next_token(logits, labels, positions)
-    per_token = F.cross_entropy(
-        shifted.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    return -per_token.sum(dim=-1)
-
-
-def dpo_loss_sum(
-    policy: torch.Tensor, reference: torch.Tensor, beta: float
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Summed sigmoid DPO loss of rows ``[chosen..., rejected...]`` and summed reward statistics."""
-    chosen, rejected = policy.chunk(2)
-    ref_chosen, ref_rejected = reference.chunk(2)
-    chosen_reward = beta * (chosen - ref_chosen)
-    rejected_reward = beta * (rejected - ref_rejected)
-    margin = chosen_reward - rejected_reward
-    stats = {
-        "reward_chosen": float(chosen_reward.detach().sum()),
-        "reward_rejected": float(rejected_reward.detach().sum()),
-        "reward_margin": float(margin.detach().sum()),
-        "reward_accuracy": float((margin.detach() > 0).float().sum()),
-    }
-    return -F.logsigmoid(margin).sum(), stats
 
 
 class DpoTask(TextTask):
@@ -225,6 +179,3 @@ class DpoTask(TextTask):
 
     def flops(self, batch: dict[str, torch.Tensor]) -> float:
         return super().flops(batch) * 4 / 3  # plus the reference forward: 2N of the 6N per token
-
-
-TASKS.update({task.name: task for task in (ClmTask, SftTask, DpoTask)})

@@ -32,8 +32,8 @@ from pathlib import Path
 
 from llava_ndino.config import ENGINES as RUN_ENGINES
 from llava_ndino.config import RunConfig, load_config
-from llava_ndino.model.dimensions import ModelShape, TextShape, VisionShape, model_shape, preset_shape
-from llava_ndino.train.tasks import LOSS_CHUNK, LOSS_CHUNK_ABOVE
+from llava_ndino.plan.dimensions import ModelShape, TextShape, VisionShape, model_shape, preset_shape
+from llava_ndino.train.losses import LOSS_CHUNK, LOSS_CHUNK_ABOVE
 
 GIB = 2**30
 ENGINES = tuple(name for name in RUN_ENGINES if name != "single")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from llava_ndino.model.tokenizer import BEGIN_OF_TEXT, END_HEADER, END_OF_TEXT, EOT, START_HEADER
+from llava_ndino.formats.tokens import BEGIN_OF_TEXT, END_HEADER, END_OF_TEXT, EOT, START_HEADER
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("system", "user", "assistant")

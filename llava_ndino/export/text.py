@@ -18,9 +18,10 @@ from pathlib import Path
 import yaml
 
 from llava_ndino.config import load_config
-from llava_ndino.export import atomic_folder
-from llava_ndino.model.tiny import mark_tokenizer_portable
-from llava_ndino.train.checkpoint import CONFIG_FILE, load_model_weights, resolve_resume
+from llava_ndino.export.vlm import atomic_folder
+from llava_ndino.formats.run_dir import CONFIG_FILE, load_model_weights, resolve_resume
+from llava_ndino.model.hf_files import mark_tokenizer_portable
+from llava_ndino.model.peft_setup import load_text_model
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +53,13 @@ def export_text_run(path: Path, out: Path, adapter: bool = False, dtype: str = "
     # merge into (and save adapters for) the full-precision base, never the NF4 one
     model_cfg = dataclasses.replace(cfg.model, dtype=dtype)
     cfg = dataclasses.replace(cfg, model=model_cfg, lora=dataclasses.replace(cfg.lora, quantize="none"))
-    from llava_ndino.train.tasks import make_task
-
-    task = make_task(cfg)
-    task.build()
-    task.load_state(load_model_weights(checkpoint))
+    model, tokenizer, base_vocab = load_text_model(cfg, load_model_weights(checkpoint))
     with atomic_folder(out) as tmp:
         if adapter:
-            resized = len(task.tokenizer) != task.base_vocab
-            task.model.save_pretrained(str(tmp), save_embedding_layers=resized)
+            model.save_pretrained(str(tmp), save_embedding_layers=len(tokenizer) != base_vocab)
         else:
-            model = task.model.merge_and_unload() if cfg.lora.enabled else task.model
-            model.save_pretrained(str(tmp))
-        task.tokenizer.save_pretrained(str(tmp))
+            (model.merge_and_unload() if cfg.lora.enabled else model).save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
         mark_tokenizer_portable(tmp)
     log.info("wrote %s folder %s from %s", "adapter" if adapter else "merged causal-LM", out, checkpoint)
     return out

@@ -1,0 +1,1 @@
+"""Formats every floor shares: special tokens, chat templates and the run-directory layout."""

@@ -1,0 +1,1 @@
+"""Offline data preparation: webdataset shard writing, machine translation, validation reports."""

@@ -1,0 +1,127 @@
+"""Writing webdataset shards (`ndino data shard`): a LLaVA JSON/JSONL plus image folder, or an HF
+datasets folder, into deterministic tar shards with an index and checksums (the same input gives
+byte-identical shards). Reading them is ``llava_ndino.data.shards``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from tqdm import tqdm
+
+from llava_ndino.data.dataset import read_records
+from llava_ndino.data.shards import FORMAT, INDEX, image_refs
+
+
+def llava_items(path: Path, image_root: Path | None) -> Iterator[tuple[dict, list[tuple[str, bytes | None]]]]:
+    """(record, [(image name, bytes or None when missing)]) for every sample of a LLaVA JSON/JSONL file."""
+    root = Path(image_root) if image_root else Path(path).parent
+    for record in read_records(path):
+        refs = image_refs(record) if isinstance(record, dict) else []
+        images = []
+        for ref in refs:
+            file = root / str(ref)
+            images.append((str(ref), file.read_bytes() if file.is_file() else None))
+        yield record, images
+
+
+def hf_items(path: Path) -> Iterator[tuple[dict, list[tuple[str, bytes | None]]]]:
+    """The same for an HF ``datasets`` folder saved with ``save_to_disk`` (image columns undecoded)."""
+    from datasets import Image as ImageFeature
+    from datasets import Sequence, load_from_disk
+
+    dataset = load_from_disk(str(path))
+    for column in ("image", "images"):
+        feature = dataset.features.get(column)
+        if isinstance(feature, ImageFeature):
+            dataset = dataset.cast_column(column, ImageFeature(decode=False))
+        elif isinstance(feature, Sequence | list) and isinstance(
+            getattr(feature, "feature", None), ImageFeature
+        ):
+            dataset = dataset.cast_column(column, Sequence(ImageFeature(decode=False)))
+    for row in dataset:
+        record = {k: v for k, v in row.items() if k not in ("image", "images")}
+        value = row.get("image", row.get("images"))
+        values = [] if value is None else value if isinstance(value, list) else [value]
+        images = []
+        for i, item in enumerate(values):
+            if isinstance(item, dict):
+                name = Path(item.get("path") or f"image{i}.png").name
+                images.append((name, item.get("bytes") or None))
+            else:
+                images.append((str(item), None))
+        if values:
+            record["image" if "image" in row else "images"] = [name for name, _ in images]
+        yield record, images
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _shard_bytes(entries: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in entries:
+            _add(tar, name, data)
+    return buffer.getvalue()
+
+
+def write_shards(
+    items: Iterator[tuple[dict, list[tuple[str, bytes | None]]]],
+    out_dir: Path,
+    samples_per_shard: int = 1000,
+    source: str = "",
+) -> dict:
+    """Write ``items`` as tar shards plus ``index.json`` into ``out_dir``; returns the index.
+
+    Samples whose image files are missing are not written; the index lists them under ``dropped``.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards: list[dict] = []
+    dropped: dict[str, str] = {}
+    pending: list[tuple[str, bytes]] = []
+    key = 0
+
+    def flush() -> None:
+        data = _shard_bytes(pending)
+        name = f"shard-{len(shards):06d}.tar"
+        (out_dir / name).write_bytes(data)
+        count = sum(member.endswith(".json") for member, _ in pending)
+        shards.append(
+            {"file": name, "samples": count, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        )
+        pending.clear()
+
+    for record, images in tqdm(items, desc=f"shard {out_dir.name}", unit="sample", mininterval=1):
+        sample_id = str(record.get("id", f"#{key}")) if isinstance(record, dict) else f"#{key}"
+        missing = [name for name, data in images if data is None]
+        if missing:
+            dropped[sample_id] = f"missing image(s) {', '.join(missing)}"
+            continue
+        stem = f"{key:09d}"
+        members = [f"{stem}.{i}{Path(name).suffix.lower() or '.img'}" for i, (name, _) in enumerate(images)]
+        stored = dict(record) if isinstance(record, dict) else {"id": sample_id, "record": record}
+        if images:
+            column = "image" if "image" in stored else "images"
+            stored[column] = members if isinstance(stored[column], list) else members[0]
+        pending.append(
+            (f"{stem}.json", json.dumps(stored, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+        )
+        pending += [(member, data) for member, (_, data) in zip(members, images, strict=True)]
+        key += 1
+        if key % samples_per_shard == 0:
+            flush()
+    if pending:
+        flush()
+    index = {"format": FORMAT, "source": source, "samples": key, "shards": shards, "dropped": dropped}
+    (out_dir / INDEX).write_text(json.dumps(index, indent=2, ensure_ascii=False), encoding="utf-8")
+    return index
