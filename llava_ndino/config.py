@@ -25,6 +25,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from llava_ndino.formats.prompts import TEMPLATES
+from llava_ndino.formats.run_dir import CONFIG_FILE
 
 
 class RecipeError(ValueError):
@@ -337,7 +338,7 @@ def config_to_yaml(cfg: RunConfig) -> str:
 
 def save_resolved_config(cfg: RunConfig, run_dir: Path) -> Path:
     """Write the fully resolved ``cfg`` to ``run_dir/config.yaml`` and return that path."""
-    path = Path(run_dir) / "config.yaml"
+    path = Path(run_dir) / CONFIG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(config_to_yaml(cfg), encoding="utf-8")
     return path

@@ -12,6 +12,7 @@ from pathlib import Path
 from llava_ndino.config import RunConfig, load_config
 from llava_ndino.demo.scoring import majority_baseline, score_exact_match
 from llava_ndino.export.vlm import save_llava_folder
+from llava_ndino.formats.run_dir import EXPORT_DIR
 from llava_ndino.infer import Answerer
 from llava_ndino.model.loading import load_trained
 from llava_ndino.synthetic.shapes import QUESTION_TYPES, ShapesSample, make_sample
@@ -56,7 +57,7 @@ def run_demo(overrides: list[str], train_first: bool = True) -> dict:
         result = train(cfg)
         if result.status != "completed":
             raise SystemExit(f"training stopped at step {result.step} ({result.status}); rerun to resume")
-    export_dir = save_llava_folder(*load_trained(Path(cfg.output_dir)), Path(cfg.output_dir) / "export")
+    export_dir = save_llava_folder(*load_trained(Path(cfg.output_dir)), Path(cfg.output_dir) / EXPORT_DIR)
     print(f"exported HF LlavaNext folder: {export_dir}")
     answerer = Answerer.from_path(export_dir)
 

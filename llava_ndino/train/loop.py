@@ -22,7 +22,7 @@ from transformers import get_scheduler
 
 from llava_ndino.config import RunConfig, config_to_yaml, save_resolved_config
 from llava_ndino.data.dataset import Batch
-from llava_ndino.formats.run_dir import read_trainer_state, resolve_resume
+from llava_ndino.formats.run_dir import SKIPPED_FILE, TRAIN_LOG_FILE, read_trainer_state, resolve_resume
 from llava_ndino.train.checkpoint import (
     checkpoint_tmp_dir,
     install_termination_handler,
@@ -78,7 +78,7 @@ class SkipTracker:
     """Counts and lists skipped samples; aborts above ``max_ratio`` once enough samples were seen."""
 
     def __init__(self, run_dir: Path, max_ratio: float, dataset_size: int, enabled: bool):
-        self.path = run_dir / "skipped.jsonl"
+        self.path = run_dir / SKIPPED_FILE
         self.max_ratio, self.enabled = max_ratio, enabled
         self.min_seen = min(MIN_SEEN_FOR_SKIP_ABORT, dataset_size)
         self.seen, self.reasons = 0, Counter()
@@ -121,7 +121,7 @@ def _setup_logging(run_dir: Path, is_main: bool) -> logging.Handler | None:
     if not is_main:
         package.setLevel(logging.WARNING)
         return None
-    handler = logging.FileHandler(run_dir / "train.log")
+    handler = logging.FileHandler(run_dir / TRAIN_LOG_FILE)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     package.addHandler(handler)
     package.setLevel(logging.INFO)

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llava_ndino.formats.run_dir import METRICS_FILE
+
 # dense bf16 peak FLOP/s by device-name fragment
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12, "4090": 165e12}
 
@@ -77,7 +79,7 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, enabled: bool = True):
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS_FILE
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
