@@ -48,9 +48,8 @@ def tiny_vision_config(sizes: TinyConfig) -> CLIPVisionConfig:
 
 POSITION_INIT_STD = 1.0
 """Initial spread of the tiny tower's position embeddings. CLIP's 0.02 suits a pretrained tower;
-trained from random, the position signal then starts about 50 times weaker than a 28 px patch's
-content and the tower takes hundreds of steps to report where a patch is (``docs/benchmarks.md``,
-"CPU demo", fourth round)."""
+trained from random, the position signal then starts far weaker than a patch's content and the
+tower takes hundreds of steps to report where a patch is."""
 
 
 def tiny_vision_tower(sizes: TinyConfig) -> CLIPVisionModel:
