@@ -58,4 +58,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ndino {args.command}: error: {err}", file=sys.stderr)
         return 2
     return code or 0
-

@@ -164,17 +164,9 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size
         save_resolved_config(cfg, run_dir)
         task.save_skeleton(run_dir)
     if cfg.train.gradient_checkpointing:
-        enable = (
-            getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        )
-        enable({"use_reentrant": False})  # transformers >= 5.x renamed it; the old name warns
+        _enable_gradient_checkpointing(model)
     optimizer = make_optimizer(cfg.train.optimizer, task.param_groups())
-    scheduler = get_scheduler(
-        "constant_with_warmup" if cfg.train.schedule == "constant" else cfg.train.schedule,
-        optimizer,
-        num_warmup_steps=math.ceil(cfg.train.warmup_ratio * cfg.train.max_steps),
-        num_training_steps=cfg.train.max_steps,
-    )
+    scheduler = _make_scheduler(cfg, optimizer)
     ds_config = None
     if cfg.engine in ZERO_ENGINES:
         ds_config = deepspeed_config(
@@ -229,6 +221,22 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size
         termination.restore()
         metrics.close()
     return result
+
+
+def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute activations in the backward (non-reentrant checkpoints)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})  # transformers >= 5.x renamed it; the old name warns
+
+
+def _make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer):
+    """The learning-rate schedule of ``cfg.train``: linear warmup, then cosine, linear or constant."""
+    return get_scheduler(
+        "constant_with_warmup" if cfg.train.schedule == "constant" else cfg.train.schedule,
+        optimizer,
+        num_warmup_steps=math.ceil(cfg.train.warmup_ratio * cfg.train.max_steps),
+        num_training_steps=cfg.train.max_steps,
+    )
 
 
 def _save(run: Run, step: int, consumed: int) -> None:
