@@ -234,14 +234,18 @@ class RunConfig:
     """Preference optimisation settings."""
 
 
+DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+"""Parameter dtypes a model can be loaded in (auto: as the weights are stored)."""
+ATTENTION: tuple[str, ...] = ("sdpa", "eager", "flash_attention_2")
+"""Attention kernels of the language model (flash_attention_2 needs the gpu extra)."""
 ENGINES: tuple[str, ...] = ("single", "ddp", "zero2", "zero2_offload", "zero3", "zero3_offload")
 """Values of ``engine``: one process, DDP, and the DeepSpeed ZeRO configs in launch/deepspeed/."""
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.source": ("components", "llava", "tiny", "causal_lm"),
     "objective": ("vlm_sft", "clm", "sft", "dpo"),
-    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "model.dtype": DTYPES,
+    "model.attn_implementation": ATTENTION,
     "data.template": tuple(TEMPLATES),
     "engine": ENGINES,
     "data.synthetic.kind": ("shapes",),

@@ -22,9 +22,7 @@ from llava_ndino.cli.handlers import (
     cmd_tiny,
     cmd_train,
 )
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-ATTENTION = ("sdpa", "eager", "flash_attention_2")
+from llava_ndino.config import ATTENTION, DTYPES
 
 
 @dataclass(frozen=True)
