@@ -10,11 +10,12 @@ written.
 
 It reports the median seconds per step over the logging windows after the first, real tokens/s,
 MFU (the trainer's count) and peak memory, and compares the peak with ``ndino plan``'s estimate
-for the same micro-batch. With ``--anchor FILE`` (``shared/gpu/anchor_step.py``) it also runs the
-plain-transformers LlavaNext anchor at the same batch and padded length, in the same call, and
-prints our tokens/s as a ratio to the anchor's. Run on a GPU machine:
+for the same micro-batch. With ``--anchor PATH`` it also runs an external baseline script (not part
+of this repository): a plain-transformers LlavaNext training step that takes the same batch and
+padded length and prints one JSON line; our tokens/s are then printed as a ratio to the anchor's,
+measured in the same call. Run on a GPU machine:
 
-    python bench/gpu_step.py --anchor .device_run/anchor_step.py [--out FILE.json]
+    python bench/gpu_step.py [--anchor PATH/TO/anchor.py] [--out FILE.json]
 
 ``--tiny`` shrinks every shape for a CPU smoke run of the script itself.
 """
@@ -199,7 +200,7 @@ def main() -> None:
     parser.add_argument("--attn", default="sdpa", help="attention kernel")
     parser.add_argument("--workers", type=int, default=6, help="data loader workers")
     parser.add_argument("--no-grad-ckpt", action="store_true", help="train without gradient checkpointing")
-    parser.add_argument("--anchor", type=Path, help="shared/gpu/anchor_step.py, run at the same shapes")
+    parser.add_argument("--anchor", type=Path, help="an external plain-transformers LlavaNext step script, run at the same shapes")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes: a CPU smoke run of this script")
     parser.add_argument("--out", type=Path, help="also write the JSON result here")
     args = parser.parse_args()
