@@ -23,14 +23,19 @@ def cmd_tiny(args: argparse.Namespace) -> None:
 
 
 def cmd_assemble(args: argparse.Namespace) -> None:
+    from llava_ndino.export.folders import check_output_folder
     from llava_ndino.export.vlm import save_llava_folder
     from llava_ndino.model.build import LoadOptions, assemble_from_folders
 
+    sources = [Path(args.llm), *([Path(args.projector)] if args.projector else [])]
+    if not args.vision.startswith("openclip:"):
+        sources.append(Path(args.vision))
+    check_output_folder(Path(args.out), sources, args.force)  # before minutes of loading
     options = LoadOptions(dtype=args.dtype, attn_implementation=args.attn_implementation)
     model, processor = assemble_from_folders(
         args.vision, Path(args.llm), Path(args.projector) if args.projector else None, options
     )
-    save_llava_folder(model, processor, Path(args.out))
+    save_llava_folder(model, processor, Path(args.out), sources, args.force)
     print(f"wrote LlavaNext folder {args.out}")
 
 
@@ -75,19 +80,22 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from llava_ndino.export.folders import check_output_folder
     from llava_ndino.export.text import export_text_run, is_text_run
     from llava_ndino.export.vlm import save_llava_folder
     from llava_ndino.model.build import LoadOptions
     from llava_ndino.model.loading import load_trained
 
-    if is_text_run(Path(args.path)):
-        export_text_run(Path(args.path), Path(args.out), adapter=args.adapter, dtype=args.dtype)
+    source, out = Path(args.path), Path(args.out)
+    if is_text_run(source):
+        export_text_run(source, out, adapter=args.adapter, dtype=args.dtype, force=args.force)
         print(f"wrote {'PEFT adapter' if args.adapter else 'merged causal-LM'} folder {args.out}")
         return 0
     if args.adapter:
         args.parser.error("--adapter applies to text runs trained with lora.enabled=true")
-    model, processor = load_trained(Path(args.path), LoadOptions(dtype=args.dtype))
-    save_llava_folder(model, processor, Path(args.out))
+    check_output_folder(out, [source], args.force)  # before minutes of loading
+    model, processor = load_trained(source, LoadOptions(dtype=args.dtype))
+    save_llava_folder(model, processor, out, [source], args.force)
     print(f"wrote LlavaNext folder {args.out}")
     return 0
 

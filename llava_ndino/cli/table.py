@@ -62,6 +62,14 @@ ATTN_IMPLEMENTATION = arg(
 )
 
 
+FORCE = arg(
+    "--force",
+    action="store_true",
+    help="replace an existing non-empty --out folder that no ndino export wrote (never an input, the current "
+    "directory, home or a repository root)",
+)
+
+
 def dtype_arg(help: str = "weight dtype (default auto: as stored)") -> Arg:
     """The shared ``--dtype`` option."""
     return arg("--dtype", default="auto", choices=DTYPES, help=help)
@@ -277,7 +285,8 @@ def _model_commands() -> tuple[Command, ...]:
                 ),
                 arg("--llm", required=True, help="HF causal-LM folder of the LLaMA-3 family"),
                 arg("--projector", help="LLaVA mm_projector.bin to start from (default: random projector)"),
-                arg("--out", required=True, help="output folder"),
+                arg("--out", required=True, help="output folder (an earlier export there is replaced)"),
+                FORCE,
                 dtype_arg(),
                 ATTN_IMPLEMENTATION,
             ),
@@ -346,7 +355,8 @@ def _query_commands() -> tuple[Command, ...]:
                     metavar="RUN_OR_CHECKPOINT",
                     help="run directory, checkpoint directory or HF folder",
                 ),
-                arg("--out", required=True, help="output folder (replaced if it exists)"),
+                arg("--out", required=True, help="output folder (an earlier export there is replaced)"),
+                FORCE,
                 dtype_arg(),
                 arg(
                     "--adapter",

@@ -57,7 +57,10 @@ def run_demo(overrides: list[str], train_first: bool = True) -> dict:
         result = train(cfg)
         if result.status != "completed":
             raise SystemExit(f"training stopped at step {result.step} ({result.status}); rerun to resume")
-    export_dir = save_llava_folder(*load_trained(Path(cfg.output_dir)), Path(cfg.output_dir) / EXPORT_DIR)
+    # the demo owns its run's export folder, also one written before exports carried a marker
+    export_dir = save_llava_folder(
+        *load_trained(Path(cfg.output_dir)), Path(cfg.output_dir) / EXPORT_DIR, force=True
+    )
     print(f"exported HF LlavaNext folder: {export_dir}")
     answerer = Answerer.from_path(export_dir)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from llava_ndino.config import load_config
-from llava_ndino.export.vlm import atomic_folder
+from llava_ndino.export.folders import atomic_folder, check_output_folder
 from llava_ndino.formats.run_dir import CONFIG_FILE, load_model_weights, resolve_resume
 from llava_ndino.model.hf_files import mark_tokenizer_portable
 from llava_ndino.model.peft_setup import load_text_model
@@ -37,9 +37,12 @@ def is_text_run(path: Path) -> bool:
     return isinstance(values, dict) and values.get("objective") in TEXT_OBJECTIVES
 
 
-def export_text_run(path: Path, out: Path, adapter: bool = False, dtype: str = "auto") -> Path:
+def export_text_run(
+    path: Path, out: Path, adapter: bool = False, dtype: str = "auto", force: bool = False
+) -> Path:
     """Write the latest checkpoint of run ``path`` (or checkpoint ``path``) to ``out``, atomically."""
     path, out = Path(path), Path(out)
+    check_output_folder(out, [path], force)
     checkpoint = resolve_resume(str(path), path)
     cfg = load_config([f"recipe={checkpoint / CONFIG_FILE}"])
     if cfg.objective not in TEXT_OBJECTIVES:
@@ -54,7 +57,8 @@ def export_text_run(path: Path, out: Path, adapter: bool = False, dtype: str = "
     model_cfg = dataclasses.replace(cfg.model, dtype=dtype)
     cfg = dataclasses.replace(cfg, model=model_cfg, lora=dataclasses.replace(cfg.lora, quantize="none"))
     model, tokenizer, base_vocab = load_text_model(cfg, load_model_weights(checkpoint))
-    with atomic_folder(out) as tmp:
+    sources = [path, checkpoint, *([Path(cfg.model.llm)] if cfg.model.llm else [])]
+    with atomic_folder(out, sources, force) as tmp:
         if adapter:
             model.save_pretrained(str(tmp), save_embedding_layers=len(tokenizer) != base_vocab)
         else:

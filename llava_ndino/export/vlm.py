@@ -13,15 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
 
+from llava_ndino.export.folders import atomic_folder
 from llava_ndino.formats.tokens import END_OF_TEXT, EOT
 from llava_ndino.model.hf_files import make_config_portable, make_tokenizer_portable
 
@@ -91,31 +90,20 @@ def write_sharded_safetensors(tensors: Iterator[tuple[str, torch.Tensor]], out_d
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-@contextmanager
-def atomic_folder(out: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out`` to write into; on success it replaces ``out`` in one rename."""
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-
 def save_llava_folder(
-    model: LlavaNextForConditionalGeneration, processor: LlavaNextProcessor, out: Path
+    model: LlavaNextForConditionalGeneration,
+    processor: LlavaNextProcessor,
+    out: Path,
+    sources: list[Path] = (),
+    force: bool = False,
 ) -> Path:
-    """Write ``model`` and ``processor`` to ``out`` atomically (temp folder, then rename).
+    """Write ``model`` and ``processor`` to ``out`` atomically (temp folder, then rename); ``out`` is
+    checked against ``sources`` and existing folders first (see :func:`check_output_folder`).
 
     The generation config stops on both ``<|end_of_text|>`` and ``<|eot_id|>``.
     """
     out = Path(out)
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, sources, force) as tmp:
         model.config.save_pretrained(str(tmp))
         make_config_portable(tmp)
         tokenizer = processor.tokenizer
