@@ -413,6 +413,28 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise RecipeError(f"cannot read recipe {path}: {err}") from None
     if not isinstance(values, dict):
         raise RecipeError(f"recipe {path} must be a mapping of keys to values, not a {type(values).__name__}")
+    return upgrade_legacy_keys(values)
+
+
+_LEGACY_SECTIONS = {("model", "tiny_"): "tiny", ("data", "synthetic_"): "synthetic"}
+"""Flat keys of earlier releases (``model.tiny_layers``, ``data.synthetic_train``) -> their nested section."""
+
+
+def upgrade_legacy_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """Move the flat demo keys of run folders written by earlier releases into today's nested sections
+    (``model.tiny_layers`` -> ``model.tiny.layers``, ``data.synthetic: shapes`` -> ``data.synthetic.kind``),
+    so that their ``config.yaml`` still loads; ``values`` is not modified."""
+    values = dict(values)
+    for (section, prefix), nested in _LEGACY_SECTIONS.items():
+        part = values.get(section)
+        if not isinstance(part, dict):
+            continue
+        part = dict(part)
+        if nested in part and not isinstance(part[nested], dict):
+            part[nested] = {"kind": part[nested]}
+        for key in [k for k in part if k.startswith(prefix)]:
+            part.setdefault(nested, {})[key.removeprefix(prefix)] = part.pop(key)
+        values[section] = part
     return values
 
 

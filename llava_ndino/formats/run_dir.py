@@ -12,6 +12,8 @@ A run directory holds::
     skipped.jsonl            samples skipped as unusable, with the reason
     data_lengths.json        cached sample lengths for length grouping
     export/                  where ``ndino demo`` writes its HF export
+    .lock                    held by the one training process that writes the run
+    history.jsonl            settings a resume changed (steps, logging, ...), one line per resume
 
 Everything that reads a run (training resume, ``ndino ask``, ``ndino export``, evaluation) finds its
 files through this module; writing checkpoints lives in ``llava_ndino.train.checkpoint``.
@@ -45,6 +47,8 @@ TRAIN_LOG_FILE = "train.log"
 METRICS_FILE = "metrics.jsonl"
 DATA_LENGTHS_FILE = "data_lengths.json"
 EXPORT_DIR = "export"
+LOCK_FILE = ".lock"
+HISTORY_FILE = "history.jsonl"
 STEP_DIR = re.compile(r"step_(\d+)")
 TMP_PREFIX = ".tmp_"
 TRASH_PREFIX = ".trash_"

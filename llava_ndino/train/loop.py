@@ -22,7 +22,15 @@ from transformers import get_scheduler
 
 from llava_ndino.config import RunConfig, config_to_yaml, save_resolved_config
 from llava_ndino.data.dataset import Batch
-from llava_ndino.formats.run_dir import SKIPPED_FILE, TRAIN_LOG_FILE, read_trainer_state, resolve_resume
+from llava_ndino.formats.run_dir import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    SKIPPED_FILE,
+    TRAIN_LOG_FILE,
+    complete_checkpoints,
+    read_trainer_state,
+    resolve_resume,
+)
 from llava_ndino.train.checkpoint import (
     checkpoint_tmp_dir,
     install_termination_handler,
@@ -44,6 +52,8 @@ from llava_ndino.train.engine import (
 )
 from llava_ndino.train.metrics import MetricsLogger, peak_flops
 from llava_ndino.train.optim import make_optimizer
+from llava_ndino.train.resume_rules import check_resume_config, record_changes
+from llava_ndino.train.run_lock import RunLock
 from llava_ndino.train.tasks.base import Task
 from llava_ndino.train.tasks.registry import make_task
 
@@ -133,6 +143,9 @@ def train(cfg: RunConfig) -> TrainResult:
     rank, local_rank, world_size = init_distributed()
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir)
+    if rank == 0:
+        lock.acquire()  # before anything in the run directory is written
     handler = _setup_logging(run_dir, rank == 0)
     threads = torch.get_num_threads()
     if cfg.train.cpu_threads > 0:
@@ -140,6 +153,7 @@ def train(cfg: RunConfig) -> TrainResult:
     try:
         return _train(cfg, run_dir, rank, local_rank, world_size)
     finally:
+        lock.release()
         torch.set_num_threads(threads)
         if handler is not None:
             logging.getLogger("llava_ndino").removeHandler(handler)
@@ -152,10 +166,7 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size
         cfg.train.per_device_batch_size, cfg.train.grad_accum, cfg.train.global_batch_size, world_size
     )
     checkpoint = resolve_resume(cfg.resume, run_dir)
-    if checkpoint is not None:  # before anything is built: a refused resume fails fast
-        saved = read_trainer_state(checkpoint)
-        layout = (saved.get("engine"), saved.get("world_size"))
-        check_resumable(checkpoint, layout, (engine_name(cfg.engine, world_size), world_size))
+    changes = _check_start(cfg, run_dir, checkpoint, world_size)  # before anything is built or written
     task = make_task(cfg)
     task.build()
     task.prepare_parallel(world_size)
@@ -189,6 +200,8 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size
         skips.load(state.trainer_state["skips"])
         restore_rng_state(state.rng_state)
         log.info("resumed from %s at step %d (%d samples consumed)", checkpoint, step, consumed)
+        if engine.is_main:
+            record_changes(run_dir, step, changes)
 
     fixed = "global batch fixed by the recipe" if cfg.train.global_batch_size else "per-device batch fixed"
     log.info(
@@ -221,6 +234,23 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size
         termination.restore()
         metrics.close()
     return result
+
+
+def _check_start(cfg: RunConfig, run_dir: Path, checkpoint: Path | None, world_size: int) -> dict:
+    """Refuse a start that would mix two runs or a resume the checkpoint cannot honour; return the
+    config changes a resume applies."""
+    if checkpoint is None:
+        if cfg.resume.strip().lower() in ("none", "") and complete_checkpoints(run_dir / CHECKPOINTS_DIR):
+            raise ValueError(
+                f"resume=none, but {run_dir} already holds a run's checkpoints: starting over there would mix "
+                "two runs' metrics and checkpoints; pick a new output_dir, or move the old run away first"
+            )
+        return {}
+    saved = read_trainer_state(checkpoint)
+    layout = (saved.get("engine"), saved.get("world_size"))
+    check_resumable(checkpoint, layout, (engine_name(cfg.engine, world_size), world_size))
+    old_config = (checkpoint / CONFIG_FILE).read_text(encoding="utf-8")
+    return check_resume_config(checkpoint, old_config, cfg)
 
 
 def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
