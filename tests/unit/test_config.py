@@ -92,6 +92,7 @@ def test_overrides_are_typed():
             "train.gradient_checkpointing=true",
             "data.synthetic.kind=null",
             "data.path=data/train.jsonl",
+            "model.source=components",
             "model.vision=openclip:ViT-B-16:openai",
             "output_dir=runs/x",
         ]

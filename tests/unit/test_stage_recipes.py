@@ -76,6 +76,7 @@ TINY = [
     "engine=single",
     "train.global_batch_size=0",
     "model.dtype=float32",
+    "data.mixture=null",
     "data.synthetic.kind=shapes",
     "data.synthetic.train=8",
     "data.synthetic.image_size=112",

@@ -25,6 +25,7 @@ def text_data(tmp_path_factory) -> dict[str, Path]:
 
 def build(tiny_dirs, data: Path, *overrides: str) -> TextTask:
     """A built text task on the tiny LLaMA (float32, LoRA r 4 on all linear layers by default)."""
+    adapters = [] if "lora.enabled=false" in overrides else ["lora.r=4", "lora.dropout=0"]
     cfg = load_config(
         [
             "recipe=legal_cpt",
@@ -33,8 +34,7 @@ def build(tiny_dirs, data: Path, *overrides: str) -> TextTask:
             "output_dir=unused",
             "model.dtype=float32",
             "data.max_length=64",
-            "lora.r=4",
-            "lora.dropout=0",
+            *adapters,
             *overrides,
         ]
     )
