@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
-import zipfile
 from pathlib import Path
 
 import open_clip
@@ -27,6 +25,8 @@ from open_clip.transformer import PatchDropout, QuickGELU, ResidualAttentionBloc
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from llava_ndino.model.torchscript_tensors import is_torchscript, read_torchscript_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -117,23 +117,14 @@ def _resolve_spec(spec: str, weights: Path | None) -> tuple[str, Path]:
     return model_name, weights
 
 
-def _is_torchscript(path: Path) -> bool:
-    """Whether ``path`` is a TorchScript archive (the format of OpenAI's released CLIP checkpoints)."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("/constants.pkl") for name in archive.namelist())
-
-
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file (safetensors, torch pickle or TorchScript archive) into a flat state dict."""
+    """Read a checkpoint file (safetensors, weights-only torch file, or a TorchScript archive read as
+    data) into a flat state dict."""
     try:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
-        elif _is_torchscript(path):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated
-                state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        elif is_torchscript(path):  # OpenAI's CLIP releases: tensors read as data, the code never runs
+            state = read_torchscript_tensors(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
