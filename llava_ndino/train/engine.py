@@ -19,6 +19,8 @@ import contextlib
 import json
 import logging
 import os
+import pickle
+import re
 import warnings
 from collections.abc import Iterator
 from datetime import timedelta
@@ -302,11 +304,36 @@ class DeepSpeedEngine(DistributedEngine):
                 f"{checkpoint} has no {SHARDS_DIR}/ DeepSpeed shards: it was written by another engine; "
                 f"resume it with that engine, or start a new run with init_from={checkpoint}"
             )
+        self.ds.checkpoint_engine.load = _weights_only_load  # DeepSpeed's own load unpickles anything
         path, _ = self.ds.load_checkpoint(
             str(checkpoint), tag=SHARDS_DIR, load_optimizer_states=True, load_lr_scheduler_states=False
         )
         if path is None:
             raise ValueError(f"DeepSpeed could not load the shards in {checkpoint / SHARDS_DIR}")
+
+
+def _deepspeed_safe_globals() -> list:
+    """The non-tensor types DeepSpeed's ZeRO-2/3 shards hold (loss scaler, stage enum, fragment map)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _weights_only_load(path: str, map_location=None):
+    """Read a DeepSpeed shard with torch's weights-only unpickler plus :func:`_deepspeed_safe_globals`;
+    any other object in the file (a pickled payload) refuses the checkpoint instead of running."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(exc))
+        what = f"it asks for {found.group(1)}" if found else "it holds objects of unknown types"
+        raise ValueError(
+            f"refusing checkpoint shard {path}: {what}, where only tensors and DeepSpeed's state belong; "
+            "it was not written by this trainer, or was tampered with"
+        ) from None
 
 
 def engine_name(name: str, world_size: int) -> str:
