@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -75,13 +76,23 @@ class Engine:
         """Accumulate gradients of ``loss``."""
         loss.backward()
 
-    def clip_and_step(self, max_norm: float) -> float:
-        """Clip gradients to ``max_norm`` (0 disables), step the optimiser, zero grads; return the pre-clip norm."""
+    def clip_and_step(self, max_norm: float, skip: bool = False) -> float:
+        """Clip gradients to ``max_norm`` (0 disables), step the optimiser, zero grads; return the pre-clip norm.
+
+        The step is skipped (gradients dropped, weights untouched) when ``skip`` is set or the norm is
+        not finite, so a NaN or Inf never reaches the weights or the optimiser state.
+        """
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        self.optimizer.step()
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
+        if not skip and math.isfinite(norm):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
+
+    @property
+    def skips_nonfinite_steps(self) -> bool:
+        """True when :meth:`clip_and_step` can drop a non-finite step before it reaches the weights."""
+        return True
 
     def micro_context(self, last: bool) -> contextlib.AbstractContextManager:
         """Context for one micro-batch's forward and backward; ``last`` marks the step's final one."""
@@ -262,7 +273,13 @@ class DeepSpeedEngine(DistributedEngine):
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss, scale_wrt_gas=False)
 
-    def clip_and_step(self, max_norm: float) -> float:
+    @property
+    def skips_nonfinite_steps(self) -> bool:
+        """DeepSpeed steps inside ``ds.step()`` (fp32 and bf16 have no overflow skip), so a non-finite
+        step has already reached the weights when it is seen: the loop stops the run instead."""
+        return False
+
+    def clip_and_step(self, max_norm: float, skip: bool = False) -> float:
         """DeepSpeed clips (``gradient_clipping``), steps and zeroes; returns its pre-clip global norm."""
         self.ds.step()
         norm = self.ds.get_global_grad_norm()

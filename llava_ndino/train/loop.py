@@ -269,9 +269,24 @@ def _make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer):
     )
 
 
+def _nonfinite_parameters(model: torch.nn.Module) -> int:
+    """How many of this rank's parameter tensors (its shard, under ZeRO-3) hold a NaN or an Inf."""
+    with torch.no_grad():
+        return sum(int(not torch.isfinite(p).all()) for p in model.parameters() if p.numel())
+
+
 def _save(run: Run, step: int, consumed: int) -> None:
-    """Every rank writes its shards and RNG state into the temp dir, then rank 0 completes the save."""
+    """Every rank writes its shards and RNG state into the temp dir, then rank 0 completes the save.
+
+    Weights that are not all finite are never saved, so the last checkpoint kept is always usable.
+    """
     engine, run_dir = run.engine, run.run_dir
+    bad = engine.all_reduce_sum(float(_nonfinite_parameters(engine.model)))
+    if bad:
+        raise FloatingPointError(
+            f"step {step}: {int(bad)} parameter tensor(s) hold NaN or Inf; not saving them over the last "
+            "good checkpoint: resume from it (a lower train.lr usually helps)"
+        )
     if engine.is_main:
         prepare_checkpoint_dir(run_dir, step)
     engine.barrier()
@@ -338,6 +353,7 @@ class Window:
         values["pad_fraction"] = round(1 - totals.get("tokens", 0.0) / max(totals.get("padded", 0.0), 1.0), 4)
         values["logit_fraction"] = round(totals.get("logits", 0.0) / max(totals.get("padded", 0.0), 1.0), 4)
         values["step_s"] = round(elapsed / max(self.steps, 1), 4)
+        values["nonfinite_steps"] = int(totals.get("nonfinite_steps", 0.0) / engine.world_size)
         peak = peak_flops()
         values["mfu"] = (
             round(totals.get("flops", 0.0) / elapsed / (peak * engine.world_size), 4) if peak else None
@@ -363,11 +379,38 @@ def _next_batch(run: Run, batches) -> tuple[Batch, int]:
             return batch, consumed
 
 
+MAX_NONFINITE_IN_A_ROW = 5
+"""Non-finite steps (NaN or Inf loss or gradient norm) in a row after which the run stops."""
+
+
+def _count_nonfinite(run: Run, step: int, loss: float, grad_norm: float, in_a_row: int) -> int:
+    """Count a step whose loss or gradient norm is not finite (0 when it is), and stop the run when the
+    weights took it (an engine that cannot skip) or when too many came in a row."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return 0
+    in_a_row += 1
+    if not run.engine.skips_nonfinite_steps:
+        raise FloatingPointError(
+            f"step {step}: loss {loss}, gradient norm {grad_norm}; engine {run.engine.name} has applied it, so "
+            "the run stops before saving: resume from the last checkpoint (a lower train.lr, or skipping the "
+            "bad data, usually helps)"
+        )
+    log.warning(
+        "step %d: loss %s, gradient norm %s: step skipped (%d in a row)", step, loss, grad_norm, in_a_row
+    )
+    if in_a_row >= MAX_NONFINITE_IN_A_ROW:
+        raise FloatingPointError(
+            f"{in_a_row} steps in a row had a non-finite loss or gradient norm (last: step {step}); the run "
+            "stops without saving: check the data and train.lr, then resume from the last checkpoint"
+        )
+    return in_a_row
+
+
 def _loop(run: Run, batches, metrics: MetricsLogger, termination, step: int, consumed: int) -> TrainResult:
     cfg, task, engine, scheduler = run.cfg, run.task, run.engine, run.scheduler
     train_cfg = cfg.train
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if engine.device.type == "cuda" else nullcontext()
-    window, last_loss = Window(), None
+    window, last_loss, nonfinite = Window(), None, 0
     engine.model.train()
     bar = tqdm(
         total=train_cfg.max_steps,
@@ -383,22 +426,26 @@ def _loop(run: Run, batches, metrics: MetricsLogger, termination, step: int, con
             batch, raw = _next_batch(run, batches)
             consumed += raw
             micro.append(_to_device(batch.tensors, engine.device))
-        local_targets = sum(task.targets(b) for b in micro)
+        local_targets, step_losses = sum(task.targets(b) for b in micro), []
         step_targets = max(engine.all_reduce_sum(local_targets), 1)
         for index, batch in enumerate(micro):
             with engine.micro_context(last=index == len(micro) - 1):
                 with autocast:
                     loss_sum, stats = task.loss_sum(engine.module, batch)
                 engine.backward(loss_sum * engine.world_size / step_targets)
+            step_losses.append(loss_sum.detach())
             window.sums.update(
                 {"loss": float(loss_sum.detach()), **{f"stat/{k}": v for k, v in stats.items()}}
             )
             window.add_batch(batch, task.flops(batch), task.logit_tokens(batch))
         window.sums["targets"] += local_targets
         window.steps += 1
-        grad_norm = engine.clip_and_step(train_cfg.max_grad_norm)
+        step_loss = engine.all_reduce_sum(sum(float(b_loss) for b_loss in step_losses))
+        grad_norm = engine.clip_and_step(train_cfg.max_grad_norm, skip=not math.isfinite(step_loss))
         scheduler.step()
         step += 1
+        nonfinite = _count_nonfinite(run, step, step_loss, grad_norm, nonfinite)
+        window.sums["nonfinite_steps"] += nonfinite > 0
         bar.update(1)
         if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:
             values = {
