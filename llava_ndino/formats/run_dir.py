@@ -21,6 +21,7 @@ files through this module; writing checkpoints lives in ``llava_ndino.train.chec
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -49,6 +50,7 @@ DATA_LENGTHS_FILE = "data_lengths.json"
 EXPORT_DIR = "export"
 LOCK_FILE = ".lock"
 HISTORY_FILE = "history.jsonl"
+SHARDS_DIR = "zero"
 STEP_DIR = re.compile(r"step_(\d+)")
 TMP_PREFIX = ".tmp_"
 TRASH_PREFIX = ".trash_"
@@ -136,7 +138,7 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
 def load_model_weights(ckpt_dir: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Load only the model state of a complete checkpoint (no optimizer state), e.g. for export."""
     ckpt_dir = Path(ckpt_dir)
-    problem = checkpoint_problem(ckpt_dir)
+    problem = checkpoint_problem(ckpt_dir) or checksum_problem(ckpt_dir, [MODEL_FILE])
     if problem is not None:
         raise CheckpointError(f"checkpoint {ckpt_dir} is unusable: {problem}")
     return load_model_state(ckpt_dir / MODEL_FILE, str(torch.device(map_location)))
@@ -179,6 +181,22 @@ def checkpoint_problem(ckpt: Path) -> str | None:
             return f"{fname} is missing"
         if path.stat().st_size != size:
             return f"{fname} has {path.stat().st_size} bytes, {COMPLETE_FILE} says {size}"
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of the file at ``path``, read in large blocks."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def checksum_problem(ckpt: Path, names: list[str]) -> str | None:
+    """Why the files ``names`` of checkpoint ``ckpt`` do not match the SHA-256 its ``COMPLETE`` records,
+    or None when they do (checkpoints written before checksums were recorded pass on sizes alone)."""
+    digests = json.loads((ckpt / COMPLETE_FILE).read_text(encoding="utf-8")).get("sha256") or {}
+    for name in names:
+        if name in digests and file_sha256(ckpt / name) != digests[name]:
+            return f"{name} does not match the SHA-256 recorded when it was saved (the file was altered or damaged)"
     return None
 
 

@@ -52,12 +52,15 @@ from llava_ndino.formats.run_dir import (
     OPTIMIZER_FILE,
     RNG_FILE,
     SCHEDULER_FILE,
+    SHARDS_DIR,
     TMP_PREFIX,
     TRAINER_STATE_FILE,
     TRASH_PREFIX,
     CheckpointError,
     checkpoint_problem,
+    checksum_problem,
     complete_checkpoints,
+    file_sha256,
     load_model_state,
     load_trainer_state,
     rank_rng_file,
@@ -171,7 +174,9 @@ def save_checkpoint(
         for path in files:  # other ranks' shards too: nothing is marked complete before it is on disk
             _fsync(path)
         sizes = {path.relative_to(tmp).as_posix(): path.stat().st_size for path in files}
-        _write_synced(tmp / COMPLETE_FILE, json.dumps({"step": step, "files": sizes}))
+        digests = {path.relative_to(tmp).as_posix(): file_sha256(path) for path in files}
+        manifest = {"step": step, "files": sizes, "sha256": digests}
+        _write_synced(tmp / COMPLETE_FILE, json.dumps(manifest))
         for folder in sorted({path.parent for path in files}, reverse=True):
             _fsync(folder)
     except BaseException:
@@ -192,6 +197,18 @@ def save_checkpoint(
     return final
 
 
+def _files_read(ckpt_dir: Path, rank: int, with_model: bool) -> list[str]:
+    """The files of a checkpoint that rank ``rank`` reads when it resumes (its own ZeRO shards included)."""
+    names = [TRAINER_STATE_FILE, CONFIG_FILE, SCHEDULER_FILE, RNG_FILE, rank_rng_file(rank)]
+    if with_model:
+        names += [MODEL_FILE, OPTIMIZER_FILE]
+    shards = ckpt_dir / SHARDS_DIR
+    if shards.is_dir():
+        own = (f"rank_{rank}_", "mp_rank_00_model_states")
+        names += [f"{SHARDS_DIR}/{p.name}" for p in sorted(shards.iterdir()) if any(k in p.name for k in own)]
+    return [name for name in names if (ckpt_dir / name).is_file()]
+
+
 def load_checkpoint(
     ckpt_dir: Path, map_location: str | torch.device = "cpu", *, rank: int = 0, with_model: bool = True
 ) -> Checkpoint:
@@ -203,9 +220,11 @@ def load_checkpoint(
     incomplete or a file cannot be read.
     """
     ckpt_dir = Path(ckpt_dir)
-    problem = checkpoint_problem(ckpt_dir)
+    problem = checkpoint_problem(ckpt_dir) or checksum_problem(
+        ckpt_dir, _files_read(ckpt_dir, rank, with_model)
+    )
     if problem is not None:
-        raise CheckpointError(f"checkpoint {ckpt_dir} is unusable: {problem}")
+        raise CheckpointError(f"checkpoint {ckpt_dir} is unusable: {problem}; resume from another checkpoint")
 
     def read(fname: str, loader: Callable[[Path], Any]) -> Any:
         try:

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from llava_ndino.config import ENGINES
+from llava_ndino.formats.run_dir import SHARDS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,6 @@ def resolve_batch(per_device: int, grad_accum: int, global_batch: int, world_siz
 
 ZERO_ENGINES = tuple(name for name in ENGINES if name.startswith("zero"))
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
-SHARDS_DIR = "zero"
 
 
 def deepspeed_config(
