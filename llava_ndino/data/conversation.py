@@ -60,7 +60,13 @@ def _llava_messages(turns: list, sample_id: str) -> list[Message]:
                 "unknown_role",
                 f"turn {i} has unknown role {turn['from']!r}; use human, gpt or system",
             )
-        messages.append(Message(role, str(turn["value"])))
+        if not isinstance(turn["value"], str):
+            raise SampleError(
+                sample_id,
+                "bad_turn_value",
+                f"turn {i} 'value' must be text, got {type(turn['value']).__name__} {str(turn['value'])[:60]!r}",
+            )
+        messages.append(Message(role, turn["value"]))
     return messages
 
 
@@ -78,6 +84,12 @@ def openai_messages(turns: list, sample_id: str) -> list[Message]:
                 "unknown_role",
                 f"message {i} has unknown role {turn['role']!r}; use {', '.join(ROLES)}",
             )
+        if not isinstance(turn["content"], str | list):
+            raise SampleError(
+                sample_id,
+                "bad_turn_value",
+                f"message {i} 'content' must be text or a list of items, got {type(turn['content']).__name__}",
+            )
         try:
             messages.append(Message(turn["role"], content_to_text(turn["content"])))
         except (ValueError, AttributeError, TypeError) as err:
@@ -89,7 +101,8 @@ def parse_sample(sample: dict, index: int = 0) -> Conversation:
     """Parse one LLaVA or OpenAI-style sample and check it is trainable.
 
     Raises :class:`SampleError` when the ``<image>`` count differs from the image count, when no
-    assistant turn exists, when a role is unknown or an assistant turn holds an image.
+    assistant turn exists, when a role is unknown, a turn's value is not text, an assistant turn is
+    empty or holds an image.
     """
     sample_id = str(sample.get("id", f"#{index}")) if isinstance(sample, dict) else f"#{index}"
     if not isinstance(sample, dict):
@@ -106,6 +119,12 @@ def parse_sample(sample: dict, index: int = 0) -> Conversation:
     if not any(m.role == "assistant" for m in messages):
         raise SampleError(
             sample_id, "no_assistant", "has no assistant (gpt) turn, so nothing would be trained"
+        )
+    if any(not m.content.strip() for m in messages if m.role == "assistant"):
+        raise SampleError(
+            sample_id,
+            "empty_answer",
+            "an assistant turn is empty, so it would train a bare end-of-turn token",
         )
     if any(IMAGE_PLACEHOLDER in m.content for m in messages if m.role == "assistant"):
         raise SampleError(
