@@ -154,7 +154,9 @@ def cmd_data_shard(args: argparse.Namespace) -> None:
     if source.is_dir():
         items = hf_items(source)
     else:
-        items = llava_items(source, Path(args.image_root) if args.image_root else None)
+        items = llava_items(
+            source, Path(args.image_root) if args.image_root else None, args.allow_outside_root
+        )
     index = write_shards(items, Path(args.out), args.samples_per_shard, source=str(source))
     print(f"{index['samples']} samples in {len(index['shards'])} shards -> {args.out}/index.json")
     for sample_id, why in index["dropped"].items():

@@ -159,6 +159,11 @@ def _data_commands() -> tuple[Command, ...]:
                 arg(
                     "--samples-per-shard", type=int, default=1000, help="samples per tar file (default 1000)"
                 ),
+                arg(
+                    "--allow-outside-root",
+                    action="store_true",
+                    help="copy images whose paths are absolute or lead outside the image root (trusted data only)",
+                ),
             ),
         ),
         Command(

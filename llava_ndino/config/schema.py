@@ -92,6 +92,8 @@ class DataConfig:
     """Generated data instead of data.path (the demo)."""
     isolate_documents: bool = False
     """clm: keep attention inside each document of a packed block (positions restart per document); false lets attention cross the eos between documents, as plain concatenation does."""
+    allow_images_outside_root: bool = False
+    """Read image paths that are absolute or lead (through .. or symbolic links) outside data.image_root; off, such samples are skipped (reason outside_image_root)."""
     max_pixels: int = 64_000_000
     """Images with more pixels than this are skipped as decompression bombs (reason image_too_large)."""
     group_by_length: bool = False

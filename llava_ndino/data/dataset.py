@@ -108,14 +108,21 @@ class EncodedDataset(Dataset):
         return len(self.source)
 
     def __getitem__(self, index: int) -> EncodedSample | Skipped:
-        record, images = self.source.get(index)
+        try:
+            record, images = self.source.get(index)
+        except SampleError as err:  # a source may refuse a record, e.g. an image outside its root
+            return Skipped(err.sample_id, err.reason, str(err))
         return encode_or_skip(self.encoder, record, index, images)
 
     def measures(self, estimator: LengthEstimator) -> list[Measure]:
         """Token length and modality of every sample, from image headers (for length grouping)."""
         out = []
         for index in tqdm(range(len(self)), desc="measure lengths", unit="sample", mininterval=2):
-            record, images = self.source.get(index)
+            try:
+                record, images = self.source.get(index)
+            except SampleError as err:
+                out.append(Measure(err.sample_id, reason=err.reason, message=str(err)))
+                continue
             out.append(estimator.measure(record, index, images=images))
         return out
 

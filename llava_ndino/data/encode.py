@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import LlavaNextProcessor
 
 from llava_ndino.data.conversation import SampleError, parse_sample
-from llava_ndino.data.images import DEFAULT_MAX_PIXELS, ImageBytes, load_image
+from llava_ndino.data.images import DEFAULT_MAX_PIXELS, ImageBytes, image_path, load_image
 from llava_ndino.formats.prompts import IMAGE_PLACEHOLDER, Template, get_template
 
 IGNORE_INDEX = -100
@@ -42,8 +42,10 @@ class ConversationEncoder:
         max_length: int = 8192,
         image_root: Path | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        allow_outside_root: bool = False,
     ):
         self.processor = processor
+        self.allow_outside_root = allow_outside_root
         self.template = get_template(template) if isinstance(template, str) else template
         self.max_length = max_length
         self.image_root = Path(image_root) if image_root else None
@@ -53,7 +55,10 @@ class ConversationEncoder:
     def load_images(self, refs: list[str], sample_id: str) -> list[Image.Image]:
         """Load the sample's images relative to ``image_root``."""
         root = self.image_root or Path(".")
-        return [load_image(root / ref, sample_id, self.max_pixels) for ref in refs]
+        return [
+            load_image(image_path(root, ref, sample_id, self.allow_outside_root), sample_id, self.max_pixels)
+            for ref in refs
+        ]
 
     def encode(
         self, sample: dict, index: int = 0, images: list[Image.Image | ImageBytes] | None = None

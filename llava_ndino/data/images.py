@@ -43,6 +43,23 @@ class ImageBytes:
         return Image.open(io.BytesIO(self.data))
 
 
+def image_path(root: Path, ref: str, sample_id: str, allow_outside: bool = False) -> Path:
+    """``root / ref``, refused (reason ``outside_image_root``) when ``ref`` is absolute or resolves,
+    through ``..`` or symbolic links, outside ``root``; ``allow_outside`` lifts the check."""
+    path = Path(root) / str(ref)
+    if allow_outside:
+        return path
+    resolved, base = path.resolve(), Path(root).resolve()
+    if Path(str(ref)).is_absolute() or (resolved != base and base not in resolved.parents):
+        raise SampleError(
+            sample_id,
+            "outside_image_root",
+            f"image {ref!r} resolves to {resolved}, outside the image root {base}; keep images under the "
+            "root, or set data.allow_images_outside_root=true if the data are trusted",
+        )
+    return path
+
+
 def load_image(path: Path | ImageBytes, sample_id: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open ``path`` (a file or :class:`ImageBytes`) as an upright RGB image, or raise
     :class:`SampleError` naming the sample and file."""

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from llava_ndino.data.conversation import SampleError, parse_sample
-from llava_ndino.data.images import DEFAULT_MAX_PIXELS, ImageBytes, load_image
+from llava_ndino.data.images import DEFAULT_MAX_PIXELS, ImageBytes, image_path, load_image
 from llava_ndino.formats.prompts import Template, get_template
 
 EXIF_ORIENTATION = 0x0112
@@ -75,6 +75,7 @@ class LengthEstimator:
         image_root: Path | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         decode: bool = False,
+        allow_outside_root: bool = False,
     ):
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -83,6 +84,7 @@ class LengthEstimator:
         self.image_root = Path(image_root) if image_root else Path(".")
         self.max_pixels = max_pixels
         self.decode = decode
+        self.allow_outside_root = allow_outside_root
         self.image_token_id = processor.image_token_id
         crop = processor.image_processor.crop_size
         self.tile = (crop["height"], crop["width"])
@@ -101,7 +103,10 @@ class LengthEstimator:
     def _sizes(self, refs: list[str | ImageBytes], sample_id: str) -> list[tuple[int, int]]:
         sizes = []
         for ref in refs:
-            path = ref if isinstance(ref, ImageBytes) else self.image_root / ref
+            if isinstance(ref, ImageBytes):
+                path = ref
+            else:
+                path = image_path(self.image_root, ref, sample_id, self.allow_outside_root)
             if self.decode:
                 width, height = load_image(path, sample_id, self.max_pixels).size
                 sizes.append((height, width))

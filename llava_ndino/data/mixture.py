@@ -14,20 +14,27 @@ import torch
 from PIL import Image
 
 from llava_ndino.data.dataset import JsonRecords, RecordSource
+from llava_ndino.data.images import image_path
 from llava_ndino.data.manifests import Manifest, data_root, resolve_mixture
 from llava_ndino.data.shards import is_shard_dir
 
 
-def _absolute_images(record: dict, image_root: Path) -> dict:
-    """A copy of ``record`` whose image references are absolute paths under ``image_root``."""
+def _absolute_images(record: dict, image_root: Path, index: int, allow_outside: bool = False) -> dict:
+    """A copy of ``record`` whose image references are absolute paths under ``image_root``; a reference
+    leading outside it raises :class:`SampleError` (reason ``outside_image_root``) unless allowed."""
     if not isinstance(record, dict):
         return record
+    sample_id = str(record.get("id", f"#{index}"))
+
+    def absolute(ref: str) -> str:
+        return str(image_path(image_root, ref, sample_id, allow_outside).resolve())
+
     for key in ("image", "images"):
         refs = record.get(key)
         if isinstance(refs, str):
-            return {**record, key: str(image_root / refs)}
+            return {**record, key: absolute(refs)}
         if isinstance(refs, list):
-            return {**record, key: [str(image_root / r) if isinstance(r, str) else r for r in refs]}
+            return {**record, key: [absolute(r) if isinstance(r, str) else r for r in refs]}
     return record
 
 
@@ -38,8 +45,10 @@ class MixtureRecords(RecordSource):
     (a seeded permutation, cycled when it is smaller than its share).
     """
 
-    def __init__(self, sources: list[tuple[RecordSource, float, Path | None]], seed: int):
-        self.sources = sources
+    def __init__(
+        self, sources: list[tuple[RecordSource, float, Path | None]], seed: int, allow_outside: bool = False
+    ):
+        self.sources, self.allow_outside = sources, allow_outside
         total = sum(len(source) for source, _, _ in sources)
         self.index: list[tuple[int, int]] = []
         for k, (source, weight, _) in enumerate(sources):
@@ -56,7 +65,9 @@ class MixtureRecords(RecordSource):
         k, i = self.index[index]
         source, _, image_root = self.sources[k]
         record, images = source.get(i)
-        return (_absolute_images(record, image_root) if image_root else record), images
+        if image_root is None:
+            return record, images
+        return _absolute_images(record, image_root, index, self.allow_outside), images
 
 
 def mixture_parts(stage: str, root: str | None) -> list[tuple[Manifest, float, Path]]:
@@ -66,7 +77,7 @@ def mixture_parts(stage: str, root: str | None) -> list[tuple[Manifest, float, P
 
 
 def map_style_mixture(
-    parts: list[tuple[Manifest, float, Path]], root: str | None, seed: int
+    parts: list[tuple[Manifest, float, Path]], root: str | None, seed: int, allow_outside: bool = False
 ) -> MixtureRecords:
     """A :class:`MixtureRecords` over LLaVA JSON data sets; errors name shard sets that must stream."""
     base = data_root(root)
@@ -79,4 +90,4 @@ def map_style_mixture(
             )
         image_root = base / manifest.image_root if manifest.image_root else path.parent
         sources.append((JsonRecords(path), weight, image_root))
-    return MixtureRecords(sources, seed)
+    return MixtureRecords(sources, seed, allow_outside)

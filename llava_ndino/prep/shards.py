@@ -14,18 +14,29 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from llava_ndino.data.conversation import SampleError
 from llava_ndino.data.dataset import read_records
+from llava_ndino.data.images import image_path
 from llava_ndino.data.shards import FORMAT, INDEX, image_refs
 
 
-def llava_items(path: Path, image_root: Path | None) -> Iterator[tuple[dict, list[tuple[str, bytes | None]]]]:
-    """(record, [(image name, bytes or None when missing)]) for every sample of a LLaVA JSON/JSONL file."""
+def llava_items(
+    path: Path, image_root: Path | None, allow_outside: bool = False
+) -> Iterator[tuple[dict, list[tuple[str, bytes | str | None]]]]:
+    """(record, [(image name, bytes, or None when missing, or why it is refused)]) for every sample of a
+    LLaVA JSON/JSONL file. Images outside the root are refused unless ``allow_outside``: a shard is
+    meant to be shared, and must not carry a system file named by a crafted path."""
     root = Path(image_root) if image_root else Path(path).parent
-    for record in read_records(path):
+    for index, record in enumerate(read_records(path)):
         refs = image_refs(record) if isinstance(record, dict) else []
-        images = []
+        sample_id = str(record.get("id", f"#{index}")) if isinstance(record, dict) else f"#{index}"
+        images: list[tuple[str, bytes | str | None]] = []
         for ref in refs:
-            file = root / str(ref)
+            try:
+                file = image_path(root, ref, sample_id, allow_outside)
+            except SampleError as err:
+                images.append((str(ref), f"{err.reason}: {err}"))
+                continue
             images.append((str(ref), file.read_bytes() if file.is_file() else None))
         yield record, images
 
@@ -104,8 +115,9 @@ def write_shards(
     for record, images in tqdm(items, desc=f"shard {out_dir.name}", unit="sample", mininterval=1):
         sample_id = str(record.get("id", f"#{key}")) if isinstance(record, dict) else f"#{key}"
         missing = [name for name, data in images if data is None]
-        if missing:
-            dropped[sample_id] = f"missing image(s) {', '.join(missing)}"
+        refused = [data for _, data in images if isinstance(data, str)]
+        if missing or refused:
+            dropped[sample_id] = "; ".join(refused) or f"missing image(s) {', '.join(missing)}"
             continue
         stem = f"{key:09d}"
         members = [f"{stem}.{i}{Path(name).suffix.lower() or '.img'}" for i, (name, _) in enumerate(images)]

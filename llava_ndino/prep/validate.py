@@ -222,7 +222,13 @@ def run_validate(
     images = Path(image_root) if image_root else manifest_images
     images = images or (Path(data.image_root) if data.image_root else None)
     estimator = LengthEstimator(
-        load_processor(cfg.model), data.template, data.max_length, images, data.max_pixels, decode=decode
+        load_processor(cfg.model),
+        data.template,
+        data.max_length,
+        images,
+        data.max_pixels,
+        decode=decode,
+        allow_outside_root=data.allow_images_outside_root,
     )
     out_dir = out or Path("runs") / "validate" / name
     summary = validate_source(source, estimator, out_dir, name)

@@ -36,7 +36,8 @@ def record_source(cfg: RunConfig, split: str = "train") -> RecordSource:
         seed = cfg.seed if split == "train" else cfg.seed + EVAL_SEED_OFFSET
         return ShapesRecords(count, seed, synthetic.image_size, dialogues=split == "train")
     if data.mixture:
-        return map_style_mixture(mixture_parts(data.mixture, data.root), data.root, cfg.seed)
+        parts = mixture_parts(data.mixture, data.root)
+        return map_style_mixture(parts, data.root, cfg.seed, data.allow_images_outside_root)
     if not data.path:
         raise ValueError(
             "set data.path=FILE (LLaVA JSON/JSONL) or SHARD_DIR, data.mixture=STAGE or data.synthetic.kind=shapes"
@@ -59,10 +60,18 @@ def _shard_parts(cfg: RunConfig) -> list[tuple[Path, float]] | None:
     return None
 
 
+def _allow_outside(cfg: RunConfig) -> bool:
+    """Whether the encoder may read images outside data.image_root: when the user allows it, or for a
+    mixture, whose records already hold paths checked against each manifest's own image root."""
+    return cfg.data.allow_images_outside_root or bool(cfg.data.mixture and cfg.data.synthetic.kind is None)
+
+
 def vlm_dataset(cfg: RunConfig, processor, split: str = "train") -> Dataset:
     """Map-style encoded data, or a :class:`ShardStream` when the data are webdataset shards."""
     data = cfg.data
-    encoder = ConversationEncoder(processor, data.template, data.max_length, data.image_root, data.max_pixels)
+    encoder = ConversationEncoder(
+        processor, data.template, data.max_length, data.image_root, data.max_pixels, _allow_outside(cfg)
+    )
     shards = _shard_parts(cfg)
     if shards is not None:
         return ShardStream(shards, encoder, cfg.seed, cfg.train.per_device_batch_size, data.shuffle_buffer)
@@ -80,7 +89,15 @@ def vlm_sampler(
         return None
     if not data.group_by_length:
         return ResumableSampler(len(dataset), cfg.seed, start=start, rank=rank, world_size=world_size)
-    estimator = LengthEstimator(processor, data.template, data.max_length, data.image_root, data.max_pixels)
+    estimator = LengthEstimator(
+        processor,
+        data.template,
+        data.max_length,
+        data.image_root,
+        data.max_pixels,
+        False,
+        _allow_outside(cfg),
+    )
     key = {
         "data": data.mixture or data.path or data.synthetic.kind,
         "template": data.template,
