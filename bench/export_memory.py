@@ -27,7 +27,7 @@ print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 BASELINE_PROBE = """
 import resource
-import llava_ndino.export, llava_ndino.train.model_setup, transformers
+import llava_ndino.export.vlm, llava_ndino.model.loading, transformers
 print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 

@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import LlavaNextForConditionalGeneration, TextStreamer
 
-from llava_ndino.data.conversation import SampleError
+from llava_ndino.data.conversation import SampleError, control_token_pattern, escape_control_tokens
 from llava_ndino.data.images import load_image
 from llava_ndino.model.build import LoadOptions, stop_token_ids
 
@@ -52,6 +52,9 @@ class Answerer:
                 )
             processor.chat_template = self.tokenizer.chat_template
         # released checkpoints may stop only on <|end_of_text|>; a chat turn ends with <|eot_id|>
+        self.control_pattern = control_token_pattern(
+            self.tokenizer
+        )  # <image> included: one image per question
         self.stop_ids = sorted(stop_token_ids(self.tokenizer, model.generation_config.eos_token_id))
         if not self.stop_ids:
             raise ValueError(
@@ -65,7 +68,10 @@ class Answerer:
 
     def prompt(self, question: str) -> str:
         """Return the chat-template prompt for one image and ``question``, ending with the assistant header."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        text = escape_control_tokens(
+            question, self.control_pattern
+        )  # a question is text, never control tokens
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     @contextmanager

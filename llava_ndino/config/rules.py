@@ -35,6 +35,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.trainable": ("projector", "vision", "llm", "newline"),
     "train.optimizer": ("adamw", "adamw_8bit", "paged_adamw_8bit"),
     "lora.quantize": ("none", "4bit"),
+    "data.control_tokens": ("skip", "escape"),
 }
 """Allowed values of enumerated keys; a list key takes any of them, an optional key also null."""
 

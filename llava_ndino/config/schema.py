@@ -92,6 +92,8 @@ class DataConfig:
     """Generated data instead of data.path (the demo)."""
     isolate_documents: bool = False
     """clm: keep attention inside each document of a packed block (positions restart per document); false lets attention cross the eos between documents, as plain concatenation does."""
+    control_tokens: str = "skip"
+    """Data text that spells a control token of the tokenizer (<|eot_id|>, <|start_header_id|>, <pad>, ...): skip the sample (reason control_token_in_text) or escape the string so it is read as plain text; never read as a real control token, which would let a user turn forge an assistant turn."""
     allow_images_outside_root: bool = False
     """Read image paths that are absolute or lead (through .. or symbolic links) outside data.image_root; off, such samples are skipped (reason outside_image_root)."""
     max_pixels: int = 64_000_000

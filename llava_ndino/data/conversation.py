@@ -6,6 +6,7 @@ code that datasets count when they skip bad samples.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from llava_ndino.formats.prompts import IMAGE_PLACEHOLDER, ROLES, Message, content_to_text
@@ -139,3 +140,50 @@ def parse_sample(sample: dict, index: int = 0) -> Conversation:
             "put one <image> in the text per image file",
         )
     return Conversation(sample_id, messages, images)
+
+
+CONTROL_TOKEN_MODES = ("skip", "escape")
+"""What to do with data text that spells a tokenizer control token (``data.control_tokens``)."""
+ESCAPE = "\u2060"
+"""Word joiner, inserted after the first character of a control-token string so that it is tokenised
+as plain text; it is invisible when the text is shown."""
+
+
+def control_token_pattern(tokenizer, allowed: tuple[str, ...] = ()) -> re.Pattern | None:
+    """A pattern matching every special-token string of ``tokenizer`` but ``allowed`` (e.g. ``<image>``
+    in VLM user turns, where it marks an image), or None when there is none."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    tokens = {t.content for t in decoder.values() if getattr(t, "special", False)} - set(allowed)
+    tokens |= {t for t in getattr(tokenizer, "all_special_tokens", []) if t not in allowed}
+    if not tokens:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+
+
+def escape_control_tokens(text: str, pattern: re.Pattern | None) -> str:
+    """``text`` with every control-token string broken by :data:`ESCAPE` (read as text, shown unchanged)."""
+    if pattern is None:
+        return text
+    return pattern.sub(lambda m: m.group(0)[0] + ESCAPE + m.group(0)[1:], text)
+
+
+def guard_control_tokens(
+    messages: list[Message], pattern: re.Pattern | None, sample_id: str, mode: str = "skip"
+) -> list[Message]:
+    """Return ``messages`` when no text spells a control token; otherwise skip the sample (reason
+    ``control_token_in_text``) or escape the strings, as ``mode`` says. Data text is text: a user turn
+    holding ``<|eot_id|><|start_header_id|>assistant`` must not forge an assistant turn."""
+    if pattern is None:
+        return messages
+    found = next((m for m in messages if pattern.search(m.content)), None)
+    if found is None:
+        return messages
+    if mode == "escape":
+        return [Message(m.role, escape_control_tokens(m.content, pattern)) for m in messages]
+    token = pattern.search(found.content).group(0)
+    raise SampleError(
+        sample_id,
+        "control_token_in_text",
+        f"a {found.role} turn spells the control token {token!r}, which would be read as a real one; "
+        "set data.control_tokens=escape to train on such text as plain text",
+    )

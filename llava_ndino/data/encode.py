@@ -14,7 +14,12 @@ import torch
 from PIL import Image
 from transformers import LlavaNextProcessor
 
-from llava_ndino.data.conversation import SampleError, parse_sample
+from llava_ndino.data.conversation import (
+    SampleError,
+    control_token_pattern,
+    guard_control_tokens,
+    parse_sample,
+)
 from llava_ndino.data.images import DEFAULT_MAX_PIXELS, ImageBytes, image_path, load_image
 from llava_ndino.formats.prompts import IMAGE_PLACEHOLDER, Template, get_template
 
@@ -43,9 +48,12 @@ class ConversationEncoder:
         image_root: Path | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         allow_outside_root: bool = False,
+        control_tokens: str = "skip",
     ):
         self.processor = processor
         self.allow_outside_root = allow_outside_root
+        self.control_tokens = control_tokens
+        self.control_pattern = control_token_pattern(processor.tokenizer, allowed=(IMAGE_PLACEHOLDER,))
         self.template = get_template(template) if isinstance(template, str) else template
         self.max_length = max_length
         self.image_root = Path(image_root) if image_root else None
@@ -71,6 +79,9 @@ class ConversationEncoder:
         """
         conversation = parse_sample(sample, index)
         sample_id = conversation.sample_id
+        messages = guard_control_tokens(
+            conversation.messages, self.control_pattern, sample_id, self.control_tokens
+        )
         if images is None:
             images = self.load_images(conversation.images, sample_id)
         elif len(images) != len(conversation.images):
@@ -79,7 +90,7 @@ class ConversationEncoder:
             images = [
                 load_image(i, sample_id, self.max_pixels) if isinstance(i, ImageBytes) else i for i in images
             ]
-        segments = self.template.render(conversation.messages)
+        segments = self.template.render(messages)
         text = "".join(s.text for s in segments)
         enc = self.processor(
             images=images or None,

@@ -15,9 +15,14 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from llava_ndino.data.conversation import SampleError, parse_sample
+from llava_ndino.data.conversation import (
+    SampleError,
+    control_token_pattern,
+    guard_control_tokens,
+    parse_sample,
+)
 from llava_ndino.data.images import DEFAULT_MAX_PIXELS, ImageBytes, image_path, load_image
-from llava_ndino.formats.prompts import Template, get_template
+from llava_ndino.formats.prompts import IMAGE_PLACEHOLDER, Template, get_template
 
 EXIF_ORIENTATION = 0x0112
 TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
@@ -76,6 +81,7 @@ class LengthEstimator:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         decode: bool = False,
         allow_outside_root: bool = False,
+        control_tokens: str = "skip",
     ):
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -85,6 +91,8 @@ class LengthEstimator:
         self.max_pixels = max_pixels
         self.decode = decode
         self.allow_outside_root = allow_outside_root
+        self.control_tokens = control_tokens
+        self.control_pattern = control_token_pattern(processor.tokenizer, allowed=(IMAGE_PLACEHOLDER,))
         self.image_token_id = processor.image_token_id
         crop = processor.image_processor.crop_size
         self.tile = (crop["height"], crop["width"])
@@ -129,7 +137,10 @@ class LengthEstimator:
                     raise SampleError(sample_id, "image_count_mismatch", f"{len(images)} images given")
                 pil = [(image.height, image.width) for image in images if isinstance(image, Image.Image)]
                 sizes = pil or self._sizes([i for i in images if isinstance(i, ImageBytes)], sample_id)
-            return self._measure_text(conversation.messages, sizes, sample_id)
+            messages = guard_control_tokens(
+                conversation.messages, self.control_pattern, sample_id, self.control_tokens
+            )
+            return self._measure_text(messages, sizes, sample_id)
         except SampleError as err:
             return Measure(err.sample_id, reason=err.reason, message=str(err))
 

@@ -10,7 +10,7 @@ Row formats (JSONL, or a JSON list, read by :func:`~llava_ndino.data.dataset.rea
   ``chosen``/``rejected`` are whole conversations (orpo-dpo-mix-40k style), their shared prefix is
   the prompt and their last assistant turn the answer.
 
-Which tokens carry loss comes from the template registry (:mod:`llava_ndino.data.templates`), as
+Which tokens carry loss comes from the template registry (:mod:`llava_ndino.formats.prompts`), as
 for the vision data. Bad rows become :class:`~llava_ndino.data.dataset.Skipped` and the loop
 counts and lists them.
 """
@@ -23,7 +23,14 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from llava_ndino.data.conversation import Conversation, SampleError, openai_messages, parse_sample
+from llava_ndino.data.conversation import (
+    Conversation,
+    SampleError,
+    control_token_pattern,
+    guard_control_tokens,
+    openai_messages,
+    parse_sample,
+)
 from llava_ndino.data.dataset import Batch, Skipped
 from llava_ndino.data.encode import IGNORE_INDEX, EncodedSample, collate, labels_in_spans
 from llava_ndino.formats.prompts import Message, Segment, Template
@@ -88,13 +95,23 @@ def trained_spans(segments: list[Segment]) -> list[tuple[int, int]]:
 class SftEncoder:
     """Encode instruction/chat rows with a template: loss on the assistant turns only."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, template: Template, max_length: int):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        template: Template,
+        max_length: int,
+        control_tokens: str = "skip",
+    ):
         self.tokenizer, self.template, self.max_length = tokenizer, template, max_length
+        self.control_tokens, self.control_pattern = control_tokens, control_token_pattern(tokenizer)
 
     def encode(self, record: dict, index: int = 0, images: None = None) -> EncodedSample:
         """Encode one row (``images`` is accepted for the record-source interface and must be None)."""
         conversation = text_conversation(record, index)
-        segments = self.template.render(conversation.messages)
+        messages = guard_control_tokens(
+            conversation.messages, self.control_pattern, conversation.sample_id, self.control_tokens
+        )
+        segments = self.template.render(messages)
         text = "".join(s.text for s in segments)
         input_ids, labels = encode_spans(self.tokenizer, text, trained_spans(segments))
         input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
@@ -153,14 +170,25 @@ class PreferenceEncoder:
     """Encode preference rows: prompts keep their last ``max_prompt_length`` tokens, pairs their first ``max_length``."""
 
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, template: Template, max_length: int, max_prompt_length: int
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        template: Template,
+        max_length: int,
+        max_prompt_length: int,
+        control_tokens: str = "skip",
     ):
         self.tokenizer, self.template = tokenizer, template
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        self.control_tokens, self.control_pattern = control_tokens, control_token_pattern(tokenizer)
 
     def encode(self, record: dict, index: int = 0, images: None = None) -> PreferenceSample:
         """Encode one row (``images`` is accepted for the record-source interface and must be None)."""
         sample_id, prompt, chosen, rejected = parse_preference(record, index)
+        answers = [Message("assistant", chosen), Message("assistant", rejected)]
+        guarded = guard_control_tokens(
+            [*prompt, *answers], self.control_pattern, sample_id, self.control_tokens
+        )
+        prompt, chosen, rejected = guarded[: len(prompt)], guarded[-2].content, guarded[-1].content
         prompt_text = self.template.generation_prompt(prompt)
         return PreferenceSample(
             sample_id,
@@ -226,7 +254,12 @@ class PackedText(Dataset):
             else:
                 sample_id = _sample_id(record, index)
                 bad[index] = Skipped(sample_id, "no_text", f"sample {sample_id!r}: needs a non-empty 'text'")
-        encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        # raw text is text: a literal "<|eot_id|>" in a document must not become the control token
+        encoded = iter(
+            tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            if texts
+            else []
+        )
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         tokens: list[int] = []
         documents: list[int] = []

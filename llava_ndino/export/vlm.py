@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
 
 from llava_ndino.export.folders import atomic_folder
+from llava_ndino.formats.tensor_files import save_safetensors
 from llava_ndino.formats.tokens import END_OF_TEXT, EOT
 from llava_ndino.model.hf_files import make_config_portable, make_tokenizer_portable
 
@@ -65,7 +65,7 @@ def write_sharded_safetensors(tensors: Iterator[tuple[str, torch.Tensor]], out_d
     size = total = 0
 
     def flush() -> None:
-        save_file(current, str(out_dir / f"shard-{len(shard_keys)}.tmp"), metadata={"format": "pt"})
+        save_safetensors(current, out_dir / f"shard-{len(shard_keys)}.tmp", metadata={"format": "pt"})
         shard_keys.append(list(current))
         current.clear()
 

@@ -22,10 +22,11 @@ import open_clip
 import torch
 from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.transformer import PatchDropout, QuickGELU, ResidualAttentionBlock, VisionTransformer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from llava_ndino.formats.tensor_files import save_safetensors
 from llava_ndino.model.torchscript_tensors import is_torchscript, read_torchscript_tensors
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def write_tiny_openclip(
     config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     state = {key: value.contiguous() for key, value in model.state_dict().items()}
-    save_file(state, str(out_dir / WEIGHTS_NAMES[0]), metadata={"format": "pt"})
+    save_safetensors(state, out_dir / WEIGHTS_NAMES[0], metadata={"format": "pt"})
     return out_dir
 
 

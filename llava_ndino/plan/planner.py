@@ -1,6 +1,6 @@
 """Per-GPU memory planner (`ndino plan`): what a recipe needs on each GPU under every engine.
 
-Parameters are counted exactly from the model's dimensions (:mod:`llava_ndino.model.dimensions`:
+Parameters are counted exactly from the model's dimensions (:mod:`llava_ndino.plan.dimensions`:
 the model folders' ``config.json`` files, the tiny model of a ``model.source=tiny`` recipe, or the
 ``ndino-8b`` preset where the folders are missing). Per GPU, an estimate adds
 

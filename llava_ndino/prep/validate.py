@@ -229,6 +229,7 @@ def run_validate(
         data.max_pixels,
         decode=decode,
         allow_outside_root=data.allow_images_outside_root,
+        control_tokens=data.control_tokens,
     )
     out_dir = out or Path("runs") / "validate" / name
     summary = validate_source(source, estimator, out_dir, name)

@@ -27,7 +27,7 @@ supports, and a description ("Descrivi l'immagine." -> "un quadrato blu in basso
 cerchio rosso in alto a sinistra"). Like LLaVA's caption stage, the dense description teaches a
 model trained from scratch to read every shape's kind, colour and place, which the questions then
 reuse. Three choices make the two-shape look-up by kind learnable in the demo's CPU budget
-(``docs/benchmarks.md``, "CPU demo"):
+(``docs/benchmarks.md#cpu-demo-make-demo``):
 
 * :data:`TRAIN_TWO_SHAPE_SHARE` of training scenes hold two shapes, where the look-up is needed;
   one-shape scenes are answered by attending to the only shape.

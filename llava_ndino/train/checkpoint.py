@@ -40,7 +40,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from llava_ndino.formats.run_dir import (
     ALIASES_KEY,
@@ -65,6 +64,7 @@ from llava_ndino.formats.run_dir import (
     load_trainer_state,
     rank_rng_file,
 )
+from llava_ndino.formats.tensor_files import save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,9 @@ def save_checkpoint(
     name = f"step_{step}"
     tmp = checkpoint_tmp_dir(run_dir, step) if prepared else prepare_checkpoint_dir(run_dir, step)
     try:
-        save_file(tensors, tmp / MODEL_FILE, metadata={"format": "pt", ALIASES_KEY: json.dumps(aliases)})
+        save_safetensors(
+            tensors, tmp / MODEL_FILE, metadata={"format": "pt", ALIASES_KEY: json.dumps(aliases)}
+        )
         _fsync(tmp / MODEL_FILE)
         for fname, obj in pickled.items():
             if obj is not None:

@@ -70,7 +70,13 @@ def vlm_dataset(cfg: RunConfig, processor, split: str = "train") -> Dataset:
     """Map-style encoded data, or a :class:`ShardStream` when the data are webdataset shards."""
     data = cfg.data
     encoder = ConversationEncoder(
-        processor, data.template, data.max_length, data.image_root, data.max_pixels, _allow_outside(cfg)
+        processor,
+        data.template,
+        data.max_length,
+        data.image_root,
+        data.max_pixels,
+        allow_outside_root=_allow_outside(cfg),
+        control_tokens=data.control_tokens,
     )
     shards = _shard_parts(cfg)
     if shards is not None:
@@ -95,8 +101,8 @@ def vlm_sampler(
         data.max_length,
         data.image_root,
         data.max_pixels,
-        False,
-        _allow_outside(cfg),
+        allow_outside_root=_allow_outside(cfg),
+        control_tokens=data.control_tokens,
     )
     key = {
         "data": data.mixture or data.path or data.synthetic.kind,

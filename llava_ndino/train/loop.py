@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import time
 from collections import Counter
 from contextlib import nullcontext
@@ -50,7 +51,7 @@ from llava_ndino.train.engine import (
     make_engine,
     resolve_batch,
 )
-from llava_ndino.train.metrics import MetricsLogger, peak_flops
+from llava_ndino.train.metrics import MetricsLogger, peak_flops, truncate_jsonl
 from llava_ndino.train.optim import make_optimizer
 from llava_ndino.train.resume_rules import check_resume_config, record_changes
 from llava_ndino.train.run_lock import RunLock
@@ -100,10 +101,13 @@ class SkipTracker:
             self.reasons[item.reason] += 1
             if self.enabled:
                 with self.path.open("a", encoding="utf-8") as handle:
-                    handle.write(
-                        json.dumps({"id": item.sample_id, "reason": item.reason, "message": item.message})
-                        + "\n"
-                    )
+                    row = {
+                        "id": item.sample_id,
+                        "reason": item.reason,
+                        "message": item.message,
+                        "seen": self.seen,
+                    }
+                    handle.write(json.dumps(row) + "\n")
                 log.warning("skipped %s", item.message)
         skipped = sum(self.reasons.values())
         if self.seen >= self.min_seen and skipped > self.max_ratio * self.seen:
@@ -117,8 +121,14 @@ class SkipTracker:
         return {"seen": self.seen, "reasons": dict(self.reasons)}
 
     def load(self, state: dict) -> None:
-        """Restore from :meth:`state`."""
+        """Restore from :meth:`state`, dropping the rows a later, interrupted attempt wrote."""
         self.seen, self.reasons = state["seen"], Counter(state["reasons"])
+        self.truncate()
+
+    def truncate(self) -> None:
+        """Keep only the rows of samples seen up to the current position (all of them at a fresh start)."""
+        if self.enabled:
+            truncate_jsonl(self.path, lambda row: row.get("seen", 0) <= self.seen)
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -224,8 +234,11 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size
         persistent_workers=cfg.data.num_workers > 0,
         # its own generator: starting the loader must not draw from the restored global RNG
         generator=torch.Generator().manual_seed(cfg.seed + rank),
+        worker_init_fn=_ignore_termination_signals,
     )
-    metrics = MetricsLogger(run_dir, enabled=engine.is_main)
+    if checkpoint is None:
+        skips.truncate()  # rows of an attempt that crashed before its first checkpoint
+    metrics = MetricsLogger(run_dir, enabled=engine.is_main, start=step)
     termination = install_termination_handler()
     try:
         run = Run(cfg, task, engine, scheduler, skips, run_dir, accum)
@@ -234,6 +247,13 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size
         termination.restore()
         metrics.close()
     return result
+
+
+def _ignore_termination_signals(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM and SIGINT: SLURM signals the whole process group, and the main
+    process must still have its workers while it saves the pre-emption checkpoint; it stops them."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _check_start(cfg: RunConfig, run_dir: Path, checkpoint: Path | None, world_size: int) -> dict:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -74,17 +76,44 @@ def flops_per_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
     return float(flops)
 
 
-class MetricsLogger:
-    """Appends one JSON line per logging step to ``metrics.jsonl`` and mirrors scalars to tensorboard."""
+def truncate_jsonl(path: Path, keep: Callable[[dict], bool]) -> int:
+    """Rewrite the JSONL file at ``path`` with only the rows ``keep`` accepts (atomically); returns how
+    many rows were dropped. Lines that are not JSON objects (a torn last line) are dropped too."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and keep(row):
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
 
-    def __init__(self, run_dir: Path, enabled: bool = True):
+
+class MetricsLogger:
+    """Appends one JSON line per logging step to ``metrics.jsonl`` and mirrors scalars to tensorboard.
+
+    A run that resumes at step ``start`` first drops the rows (and tensorboard events) after ``start``
+    that the interrupted attempt wrote, so redone steps are not recorded twice.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool = True, start: int = 0):
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS_FILE
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            truncate_jsonl(self.path, lambda row: row.get("step", 0) <= start)
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start + 1)
 
     def log(self, step: int, values: dict[str, float | int | None]) -> None:
         """Write ``values`` for ``step`` (None values go to JSONL only)."""

@@ -1,4 +1,4 @@
-"""Keep every rank's vision path identical under data parallelism (``docs/design.md``, data-parallel pitfalls).
+"""Keep every rank's vision path identical under data parallelism (``docs/design.md#data-parallel-pitfalls``).
 
 Two things make ranks disagree about which parameters a step touches:
 

@@ -124,7 +124,9 @@ class SftTask(TextTask):
     name = "sft"
 
     def dataset(self, split: str = "train") -> Dataset:
-        encoder = SftEncoder(self.tokenizer, self.template, self.cfg.data.max_length)
+        encoder = SftEncoder(
+            self.tokenizer, self.template, self.cfg.data.max_length, self.cfg.data.control_tokens
+        )
         return EncodedDataset(JsonRecords(self.data_path(split)), encoder)
 
     def collator(self) -> Callable[[list], Batch]:
@@ -144,7 +146,11 @@ class DpoTask(TextTask):
     def dataset(self, split: str = "train") -> Dataset:
         data = self.cfg.data
         encoder = PreferenceEncoder(
-            self.tokenizer, self.template, data.max_length, self.cfg.dpo.max_prompt_length
+            self.tokenizer,
+            self.template,
+            data.max_length,
+            self.cfg.dpo.max_prompt_length,
+            data.control_tokens,
         )
         return EncodedDataset(JsonRecords(self.data_path(split)), encoder)
 
