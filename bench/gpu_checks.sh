@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The GPU checks as one device call, each under its own timeout, results under $OUT:
-#   carried wheels (.whl/, if present) -> bench/gpu_step.py beside the plain-transformers anchor ->
+# The GPU checks as one run, each under its own timeout, results under $OUT:
+#   carried wheels (.whl/, if present) -> bench/gpu_step.py (with the anchor, if given) ->
 #   bench/demo_attention.py (eager vs sdpa) -> pytest tests/gpu -> the whole demo if time is left.
-# ANCHOR: path of shared/gpu/anchor_step.py copied into the checkout. Dry run on CPU, e.g.:
+# ANCHOR (optional): path of an external plain-transformers LlavaNext step script, not part of this
+# repository, passed to bench/gpu_step.py as --anchor PATH; unset, gpu_step.py runs without it.
+# Figures and what they mean: docs/benchmarks.md (GPU section). Dry run on CPU, e.g.:
 #   OUT=/tmp/gpu_dry PY=.venv/bin/python SKIP_WHEELS=1 SKIP_DEMO=1 DEMO_STEPS=20 \
 #   GPU_STEP_ARGS="--tiny --steps 4 --log-every 2 --workers 2" bash bench/gpu_checks.sh
 set -u
@@ -17,10 +19,10 @@ else
 fi
 { date; nvidia-smi -L 2>/dev/null; $PY -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__, 'cuda', torch.cuda.is_available())"; } 2>&1 | tee "$OUT/env.txt"
 
-echo "== [$SECONDS s] bench/gpu_step.py (issue 4: ZeRO-2, CLIP-L/336 + 1.2B LM, bf16, checkpointing; anchor)"
-timeout ${T_STEP:-240} $PY bench/gpu_step.py --anchor ${ANCHOR:-.device_run/anchor_step.py} --out "$OUT/gpu_step.json" ${GPU_STEP_ARGS:-} 2>&1 | grep -v "it/s\]" | tail -25 | tee "$OUT/gpu_step.txt"
+echo "== [$SECONDS s] bench/gpu_step.py (ZeRO-2, CLIP-L/336 + 1.2B LM, bf16, checkpointing; anchor if given)"
+timeout ${T_STEP:-240} $PY bench/gpu_step.py ${ANCHOR:+--anchor "$ANCHOR"} --out "$OUT/gpu_step.json" ${GPU_STEP_ARGS:-} 2>&1 | grep -v "it/s\]" | tail -25 | tee "$OUT/gpu_step.txt"
 
-echo "== [$SECONDS s] bench/demo_attention.py (issue 3: demo recipe on CUDA bf16, eager vs sdpa)"
+echo "== [$SECONDS s] bench/demo_attention.py (demo recipe on CUDA bf16, eager vs sdpa)"
 timeout ${T_ATTN:-150} $PY bench/demo_attention.py --steps ${DEMO_STEPS:-300} --out "$OUT/demo_attention.json" 2>&1 | tail -8 | tee "$OUT/demo_attention.txt"
 
 echo "== [$SECONDS s] pytest tests/gpu"
@@ -28,7 +30,7 @@ timeout ${T_TEST:-180} $PY -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tai
 
 LEFT=$(( ${BUDGET:-530} - SECONDS ))
 if [ "${SKIP_DEMO:-0}" != 1 ] && [ $LEFT -gt 100 ]; then
-  echo "== [$SECONDS s] full demo on CUDA (train 1450 steps, eval, export, ask), $LEFT s left"
+  echo "== [$SECONDS s] full demo on CUDA (train, eval, export, ask), $LEFT s left"
   timeout $LEFT $PY -m llava_ndino.cli demo output_dir=/tmp/demo_gpu 2>&1 | grep -v "it/s\]\|step/s" | tail -30 | tee "$OUT/demo_full.txt"
   cp /tmp/demo_gpu/metrics.jsonl "$OUT/demo_metrics.jsonl" 2>/dev/null
 else
