@@ -200,7 +200,11 @@ def main() -> None:
     parser.add_argument("--attn", default="sdpa", help="attention kernel")
     parser.add_argument("--workers", type=int, default=6, help="data loader workers")
     parser.add_argument("--no-grad-ckpt", action="store_true", help="train without gradient checkpointing")
-    parser.add_argument("--anchor", type=Path, help="an external plain-transformers LlavaNext step script, run at the same shapes")
+    parser.add_argument(
+        "--anchor",
+        type=Path,
+        help="an external plain-transformers LlavaNext step script, run at the same shapes",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny shapes: a CPU smoke run of this script")
     parser.add_argument("--out", type=Path, help="also write the JSON result here")
     args = parser.parse_args()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,10 +21,14 @@ from tqdm import tqdm
 from transformers import LlavaNextForConditionalGeneration, TextStreamer
 
 from llava_ndino.data.conversation import SampleError, control_token_pattern, escape_control_tokens
-from llava_ndino.data.images import load_image
+from llava_ndino.data.images import image_path, load_image
 from llava_ndino.model.build import LoadOptions, stop_token_ids
 
 log = logging.getLogger(__name__)
+
+
+DEFAULT_MAX_PROMPT_TOKENS = 4096
+"""Longest question prompt ``ndino ask`` accepts, in tokens (image tokens aside)."""
 
 
 class _CallbackStreamer(TextStreamer):
@@ -150,45 +155,74 @@ class Answerer:
         out_path: Path,
         batch_size: int = 8,
         image_root: Path | None = None,
+        max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
         **generation: float,
     ) -> dict[str, int]:
         """Answer every ``{"id", "image", "question"}`` line of ``in_path`` into ``out_path``.
 
-        Each output line is ``{"id", "question", "answer"}``, or ``{"id", "error"}`` when the image is
-        missing or unreadable (the other lines still get answers). Image paths are relative to
-        ``image_root`` (default: the current directory). ``generation`` goes to :meth:`Answerer.ask_batch`.
-        Returns the counts of answers and errors.
+        Each output line is ``{"id", "question", "answer"}``, or ``{"id", "error"}`` for a line that is
+        not such an object, a missing or unreadable image, or a question above ``max_prompt_tokens``;
+        the other lines still get answers. Lines are written to ``OUT.partial`` as they are answered and
+        the file replaces ``out_path`` at the end, so an interrupted batch never truncates an earlier
+        ``out_path``, and running it again answers only the ids not answered yet. Image paths are
+        relative to ``image_root`` (default: the current directory). Returns the counts.
         """
         requests = _read_requests(Path(in_path))
         root = Path(image_root) if image_root else Path(".")
-        counts = {"answered": 0, "errors": 0}
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        out_path = Path(out_path)
+        partial = _resume_partial(out_path)
+        done = _answered_ids(partial)
+        todo = [r for r in requests if "error" in r or str(r["id"]) not in done]
+        counts = {"answered": 0, "errors": 0, "already_done": len(requests) - len(todo)}
         with (
-            open(out_path, "w", encoding="utf-8") as out,
-            tqdm(total=len(requests), desc="answering", unit="q") as bar,
+            open(partial, "a", encoding="utf-8") as out,
+            tqdm(total=len(todo), desc="answering", unit="q") as bar,
         ):
-            for start in range(0, len(requests), batch_size):
-                chunk = requests[start : start + batch_size]
-                results: list[dict] = []
-                ready: list[tuple[int, Image.Image, str]] = []
-                for request in chunk:
-                    try:
-                        image = read_image(root / request["image"], str(request["id"]))
-                        ready.append((len(results), image, request["question"]))
-                        results.append({"id": request["id"], "question": request["question"]})
-                    except SampleError as err:
-                        log.warning("%s", err)
-                        results.append({"id": request["id"], "error": str(err)})
-                answers = self.ask_batch([(image, question) for _, image, question in ready], **generation)
-                for (index, _, _), answer in zip(ready, answers, strict=True):
-                    results[index]["answer"] = answer
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start : start + batch_size]
+                results = self._answer_chunk(chunk, root, max_prompt_tokens, generation)
                 for result in results:
                     out.write(json.dumps(result, ensure_ascii=False) + "\n")
                 out.flush()
-                counts["answered"] += len(ready)
-                counts["errors"] += len(chunk) - len(ready)
+                counts["answered"] += sum("answer" in r for r in results)
+                counts["errors"] += sum("error" in r for r in results)
                 bar.update(len(chunk))
+        os.replace(partial, out_path)
         return counts
+
+    def _answer_chunk(
+        self, chunk: list[dict], root: Path, max_prompt_tokens: int, generation: dict
+    ) -> list[dict]:
+        """Results for one chunk of requests, in order: answers, or an error per unusable request."""
+        results: list[dict] = []
+        ready: list[tuple[int, Image.Image, str]] = []
+        for request in chunk:
+            if "error" in request:
+                results.append(request)
+                continue
+            try:
+                self.check_prompt_length(request["question"], max_prompt_tokens, str(request["id"]))
+                image = read_image(image_path(root, request["image"], str(request["id"])), str(request["id"]))
+                ready.append((len(results), image, request["question"]))
+                results.append({"id": request["id"], "question": request["question"]})
+            except SampleError as err:
+                log.warning("%s", err)
+                results.append({"id": request["id"], "error": str(err)})
+        answers = self.ask_batch([(image, question) for _, image, question in ready], **generation)
+        for (index, _, _), answer in zip(ready, answers, strict=True):
+            results[index]["answer"] = answer
+        return results
+
+    def check_prompt_length(self, question: str, max_prompt_tokens: int, sample_id: str = "question") -> None:
+        """Raise :class:`SampleError` when ``question``'s prompt is above ``max_prompt_tokens`` tokens
+        (image tokens aside): a 20,000-word question must not exhaust the host's memory."""
+        length = len(self.tokenizer(self.prompt(question), add_special_tokens=False)["input_ids"])
+        if length > max_prompt_tokens:
+            raise SampleError(
+                sample_id,
+                "prompt_too_long",
+                f"the question's prompt is {length} tokens, above --max-prompt-tokens {max_prompt_tokens}",
+            )
 
 
 def read_image(path: Path, sample_id: str) -> Image.Image:
@@ -212,25 +246,59 @@ def load_answerer(path: Path, dtype: str = "auto", attn_implementation: str = "s
     return Answerer(model.to(device), processor)
 
 
+def _resume_partial(out_path: Path) -> Path:
+    """``OUT.partial`` to append to: an interrupted run's, or a fresh one seeded with ``out_path``'s lines."""
+    partial = out_path.with_name(out_path.name + ".partial")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if not partial.exists():
+        partial.write_text(
+            out_path.read_text(encoding="utf-8") if out_path.is_file() else "", encoding="utf-8"
+        )
+    return partial
+
+
+def _answered_ids(path: Path) -> set[str]:
+    """Ids of the lines of ``path`` that hold an answer (a torn last line is ignored)."""
+    done = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "answer" in row:
+            done.add(str(row.get("id")))
+    return done
+
+
 def _read_requests(in_path: Path) -> list[dict]:
-    """Parse and check every line of ``in_path`` before any generation (errors name the line)."""
+    """Every line of ``in_path`` as a request, or as ``{"id", "error"}`` when it is not a usable one."""
     requests = []
     with open(in_path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                request = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{in_path}:{number}: not valid JSON ({err})") from err
-            missing = [
-                key
-                for key in ("id", "image", "question")
-                if not isinstance(request, dict) or key not in request
-            ]
-            if missing:
-                raise ValueError(
-                    f"{in_path}:{number}: missing {', '.join(missing)}; each line needs id, image, question"
-                )
-            requests.append(request)
+            if line.strip():
+                requests.append(_parse_request(line, f"{in_path}:{number}"))
     return requests
+
+
+def _parse_request(line: str, where: str) -> dict:
+    try:
+        request = json.loads(line)
+    except json.JSONDecodeError as err:
+        return {"id": where, "error": f"{where}: not valid JSON ({err})"}
+    if not isinstance(request, dict):
+        return {"id": where, "error": f"{where}: expected an object with id, image, question"}
+    ident = request.get("id", where)
+    problems = [f"missing {key}" for key in ("id", "image", "question") if key not in request]
+    problems += [
+        f"{key} must be text"
+        for key in ("image", "question")
+        if key in request and not isinstance(request[key], str)
+    ]
+    if "id" in request and not isinstance(ident, str | int):
+        problems.append("id must be text or a number")
+    if isinstance(request.get("question"), str) and not request["question"].strip():
+        problems.append("question is empty")
+    if problems:
+        ident = ident if isinstance(ident, str | int) else where
+        return {"id": ident, "error": f"{where}: {'; '.join(problems)} (each line needs id, image, question)"}
+    return request

@@ -7,6 +7,7 @@ Every import counts, including those inside functions (deferred imports are stil
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,7 +127,7 @@ def test_the_checker_sees_a_planted_upward_import_and_cycle(tmp_path: Path, monk
     (fake / "formats" / "__init__.py").write_text("")
     (fake / "formats" / "a.py").write_text("from llava_ndino.config import X\n")
     (fake / "config.py").write_text("from llava_ndino.formats.a import Y\n")
-    monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
     graph = _graph()
     assert graph["formats.a"] == {"config"} and graph["config"] == {"formats.a"}
     with pytest.raises(AssertionError):

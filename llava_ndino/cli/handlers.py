@@ -41,8 +41,9 @@ def cmd_assemble(args: argparse.Namespace) -> None:
 
 def cmd_ask(args: argparse.Namespace) -> int:
     from llava_ndino.data.conversation import SampleError
-    from llava_ndino.infer import load_answerer, read_image
+    from llava_ndino.infer import DEFAULT_MAX_PROMPT_TOKENS, load_answerer, read_image
 
+    max_prompt_tokens = args.max_prompt_tokens or DEFAULT_MAX_PROMPT_TOKENS
     generation = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
     if args.batch:
         if args.image or args.question or args.stream:
@@ -57,9 +58,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
             Path(args.out),
             args.batch_size,
             Path(args.image_root) if args.image_root else None,
+            max_prompt_tokens,
             **generation,
         )
-        print(f"{counts['answered']} answered, {counts['errors']} errors -> {args.out}")
+        done = f", {counts['already_done']} answered before" if counts["already_done"] else ""
+        print(f"{counts['answered']} answered, {counts['errors']} errors{done} -> {args.out}")
         return 0
     if not args.image or not args.question:
         args.parser.error(
@@ -71,6 +74,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
         print(f"ndino ask: {err}", file=sys.stderr)
         raise SystemExit(2) from err
     answerer = load_answerer(Path(args.model), args.dtype, args.attn_implementation)
+    try:
+        answerer.check_prompt_length(args.question, max_prompt_tokens)
+    except SampleError as err:
+        print(f"ndino ask: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
     if args.stream:
         answerer.ask(image, args.question, stream=lambda text: print(text, end="", flush=True), **generation)
         print()
@@ -157,7 +165,7 @@ def cmd_data_shard(args: argparse.Namespace) -> None:
         items = llava_items(
             source, Path(args.image_root) if args.image_root else None, args.allow_outside_root
         )
-    index = write_shards(items, Path(args.out), args.samples_per_shard, source=str(source))
+    index = write_shards(items, Path(args.out), args.samples_per_shard, str(source), args.max_skip_ratio)
     print(f"{index['samples']} samples in {len(index['shards'])} shards -> {args.out}/index.json")
     for sample_id, why in index["dropped"].items():
         print(f"dropped {sample_id}: {why}")

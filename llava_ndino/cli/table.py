@@ -91,7 +91,9 @@ ASK_DESCRIPTION = """Answer a question about an image with a LlavaNext model: a 
 checkpoint), a checkpoint directory, or any HF LlavaNext folder (e.g. a released LLaVA-NDiNO
 checkpoint downloaded locally). Greedy at --temperature 0 (default), sampled otherwise.
 With --batch, each input line {"id", "image", "question"} gives an output line
-{"id", "question", "answer"}, or {"id", "error"} for a missing or unreadable image.
+{"id", "question", "answer"}, or {"id", "error"} for a bad line, a missing or unreadable image
+or a question above --max-prompt-tokens. OUT is written as OUT.partial and replaced at the end;
+running the batch again answers only the ids not answered yet.
 A bad image in single mode exits with status 2."""
 
 EXPORT_DESCRIPTION = """Write the latest checkpoint of a run directory (or the given checkpoint directory, or an
@@ -158,6 +160,13 @@ def _data_commands() -> tuple[Command, ...]:
                 ),
                 arg(
                     "--samples-per-shard", type=int, default=1000, help="samples per tar file (default 1000)"
+                ),
+                arg(
+                    "--max-skip-ratio",
+                    type=float,
+                    default=0.01,
+                    help="largest share of samples that may be dropped (missing or refused images) before "
+                    "nothing is written (default 0.01, as data.max_skip_ratio)",
                 ),
                 arg(
                     "--allow-outside-root",
@@ -338,6 +347,12 @@ def _query_commands() -> tuple[Command, ...]:
                 arg("--batch", metavar="IN.jsonl", help="answer every line of a JSONL file instead"),
                 arg("--out", metavar="OUT.jsonl", help="where --batch writes its answers"),
                 arg("--batch-size", type=int, default=8, help="questions per generate call (default 8)"),
+                arg(
+                    "--max-prompt-tokens",
+                    type=int,
+                    help="refuse a question whose prompt is longer, in tokens besides the image's "
+                    "(default: llava_ndino.infer.DEFAULT_MAX_PROMPT_TOKENS, 4096)",
+                ),
                 arg(
                     "--image-root", help="folder the JSONL image paths are relative to (default: current dir)"
                 ),

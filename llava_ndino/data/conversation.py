@@ -117,6 +117,13 @@ def parse_sample(sample: dict, index: int = 0) -> Conversation:
             sample_id, "malformed", "needs a 'conversations' (LLaVA) or 'messages' (OpenAI) list"
         )
     images = _image_refs(sample, sample_id)
+    for message in messages:
+        try:
+            message.content.encode("utf-8")
+        except UnicodeEncodeError as err:  # e.g. a lone surrogate from a "\udc80" JSON escape
+            raise SampleError(
+                sample_id, "bad_text", f"a {message.role} turn is not valid Unicode ({err.reason})"
+            ) from None
     if not any(m.role == "assistant" for m in messages):
         raise SampleError(
             sample_id, "no_assistant", "has no assistant (gpt) turn, so nothing would be trained"

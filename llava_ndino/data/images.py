@@ -43,14 +43,32 @@ class ImageBytes:
         return Image.open(io.BytesIO(self.data))
 
 
+def is_file(path: Path, sample_id: str) -> bool:
+    """``path.is_file()``, with a path the file system cannot take (too long, undecodable characters)
+    raised as :class:`SampleError` (reason ``bad_image_path``) instead of a crash."""
+    try:
+        return Path(path).is_file()
+    except (OSError, UnicodeError, ValueError) as err:
+        raise SampleError(
+            sample_id, "bad_image_path", f"image path {str(path)[:80]!r}... is unusable ({err})"
+        ) from None
+
+
 def image_path(root: Path, ref: str, sample_id: str, allow_outside: bool = False) -> Path:
-    """``root / ref``, refused (reason ``outside_image_root``) when ``ref`` is absolute or resolves,
-    through ``..`` or symbolic links, outside ``root``; ``allow_outside`` lifts the check."""
-    path = Path(root) / str(ref)
+    """``root / ref``, refused (reason ``outside_image_root``) when it resolves outside ``root``: an
+    absolute ``ref`` elsewhere, ``..`` or a symbolic link leading out; ``allow_outside`` lifts the check."""
+    if not isinstance(ref, str):
+        raise SampleError(sample_id, "malformed", f"image reference {ref!r} must be a path")
+    path = Path(root) / ref
     if allow_outside:
         return path
-    resolved, base = path.resolve(), Path(root).resolve()
-    if Path(str(ref)).is_absolute() or (resolved != base and base not in resolved.parents):
+    try:
+        resolved, base = path.resolve(), Path(root).resolve()
+    except (OSError, UnicodeError, ValueError) as err:
+        raise SampleError(
+            sample_id, "bad_image_path", f"image path {ref[:80]!r} is unusable ({err})"
+        ) from None
+    if resolved != base and base not in resolved.parents:  # an absolute ref counts where it points
         raise SampleError(
             sample_id,
             "outside_image_root",
@@ -65,7 +83,7 @@ def load_image(path: Path | ImageBytes, sample_id: str, max_pixels: int = DEFAUL
     :class:`SampleError` naming the sample and file."""
     if not isinstance(path, ImageBytes):
         path = Path(path)
-        if not path.is_file():
+        if not is_file(path, sample_id):
             raise SampleError(
                 sample_id, "missing_image", f"image {path} does not exist; check data.image_root"
             )
@@ -84,5 +102,10 @@ def load_image(path: Path | ImageBytes, sample_id: str, max_pixels: int = DEFAUL
         raise
     except Image.DecompressionBombError as err:  # above PIL's own limit (Image.MAX_IMAGE_PIXELS)
         raise SampleError(sample_id, "image_too_large", f"image {path} is too large for PIL ({err})") from err
-    except (OSError, UnidentifiedImageError) as err:
+    except (
+        OSError,
+        UnidentifiedImageError,
+        ValueError,
+        SyntaxError,
+    ) as err:  # PIL's chunk limits raise ValueError
         raise SampleError(sample_id, "unreadable_image", f"image {path} cannot be decoded ({err})") from err

@@ -13,6 +13,7 @@ import json
 import tarfile
 from pathlib import Path
 
+from llava_ndino.data.conversation import SampleError
 from llava_ndino.data.dataset import RecordSource
 from llava_ndino.data.images import ImageBytes
 
@@ -46,23 +47,59 @@ def verify_shards(folder: Path) -> list[str]:
     return bad
 
 
-class ShardFile:
-    """Random access to the samples of one tar shard by member offsets; the headers are scanned on
-    first use (seeks only, no image data is read)."""
+_VERIFIED: dict[tuple[str, int, int], str] = {}
+"""SHA-256 of shards already hashed in this process, by (path, size, mtime): each is hashed once."""
 
-    def __init__(self, path: Path, expected: int | None = None):
+
+def _sha256(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _VERIFIED:
+        with path.open("rb") as handle:
+            _VERIFIED[key] = hashlib.file_digest(handle, "sha256").hexdigest()
+    return _VERIFIED[key]
+
+
+class ShardFile:
+    """Random access to the samples of one tar shard by member offsets. On first use the shard is
+    checked against its index (size and SHA-256, hashed once per process) and its headers are scanned
+    (seeks only); a sample whose members are missing or malformed raises :class:`SampleError`."""
+
+    def __init__(
+        self, path: Path, expected: int | None = None, size: int | None = None, sha256: str | None = None
+    ):
         self.path, self.expected = Path(path), expected
+        self.size, self.sha256 = size, sha256
         self._entries: list[dict[str, tuple[int, int]]] | None = None
+
+    def _verify(self) -> None:
+        rewrite = "write the shards again with `ndino data shard`"
+        if not self.path.is_file():
+            raise ValueError(f"shard {self.path} is missing; {rewrite}")
+        if self.size is not None and self.path.stat().st_size != self.size:
+            raise ValueError(
+                f"shard {self.path} has {self.path.stat().st_size} bytes, its index says {self.size}; {rewrite}"
+            )
+        if self.sha256 is not None and _sha256(self.path) != self.sha256:
+            raise ValueError(
+                f"shard {self.path} does not match the SHA-256 in its index: it changed after indexing; {rewrite}"
+            )
 
     def entries(self) -> list[dict[str, tuple[int, int]]]:
         """Per sample, in key order: member name -> (data offset, size)."""
         if self._entries is None:
+            self._verify()
             members: dict[str, dict[str, tuple[int, int]]] = {}
-            with tarfile.open(self.path, mode="r") as tar:
-                for member in tar:
-                    if member.isfile():
-                        stem = member.name.partition(".")[0]
-                        members.setdefault(stem, {})[member.name] = (member.offset_data, member.size)
+            try:
+                with tarfile.open(self.path, mode="r") as tar:
+                    for member in tar:
+                        if member.isfile():  # links and devices are never data
+                            stem = member.name.partition(".")[0]
+                            members.setdefault(stem, {})[member.name] = (member.offset_data, member.size)
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                raise ValueError(
+                    f"shard {self.path} is not a readable tar ({exc}); write the shards again"
+                ) from None
             self._entries = [parts for _, parts in sorted(members.items())]
             if self.expected is not None and len(self._entries) != self.expected:
                 raise ValueError(
@@ -72,22 +109,50 @@ class ShardFile:
         return self._entries
 
     def get(self, index: int) -> tuple[dict, list[ImageBytes]]:
-        """Sample ``index`` of the shard: (record, encoded images)."""
+        """Sample ``index`` of the shard: (record, encoded images); :class:`SampleError` when malformed."""
         parts = self.entries()[index]
+        sample_id = f"{self.path.name}#{index}"
         with self.path.open("rb") as handle:
 
             def read(name: str) -> bytes:
+                if name not in parts:
+                    raise SampleError(
+                        sample_id, "bad_shard_member", f"member {name} is missing from {self.path.name}"
+                    )
                 offset, size = parts[name]
                 handle.seek(offset)
-                return handle.read(size)
+                data = handle.read(size)
+                if len(data) != size:
+                    raise SampleError(
+                        sample_id, "bad_shard_member", f"member {name} of {self.path.name} is cut short"
+                    )
+                return data
 
-            record = json.loads(next(read(name) for name in parts if name.endswith(".json")))
-            return record, [ImageBytes(f"{self.path.name}:{ref}", read(ref)) for ref in image_refs(record)]
+            names = [name for name in parts if name.endswith(".json")]
+            if not names:
+                raise SampleError(
+                    sample_id, "bad_shard_member", f"sample has no JSON member in {self.path.name}"
+                )
+            try:
+                record = json.loads(read(names[0]))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise SampleError(
+                    sample_id, "bad_shard_member", f"{names[0]} is not valid JSON ({exc})"
+                ) from None
+            if not isinstance(record, dict):
+                raise SampleError(sample_id, "bad_shard_member", f"{names[0]} is not a JSON object")
+            refs = image_refs(record)
+            if not all(isinstance(ref, str) for ref in refs):
+                raise SampleError(sample_id, "malformed", "'image' must name the sample's image members")
+            return record, [ImageBytes(f"{self.path.name}:{ref}", read(ref)) for ref in refs]
 
 
 def shard_files(folder: Path) -> list[ShardFile]:
-    """The shards of a shard folder, in index order, each with its indexed sample count."""
-    return [ShardFile(Path(folder) / s["file"], s["samples"]) for s in read_index(folder)["shards"]]
+    """The shards of a shard folder, in index order, each with its indexed sample count, size and hash."""
+    return [
+        ShardFile(Path(folder) / s["file"], s["samples"], s.get("bytes"), s.get("sha256"))
+        for s in read_index(folder)["shards"]
+    ]
 
 
 class ShardRecords(RecordSource):
@@ -106,6 +171,8 @@ class ShardRecords(RecordSource):
         return self.files[f].get(j)
 
 
-def image_refs(record: dict) -> list[str]:
+def image_refs(record: dict) -> list:
+    """The record's image references (``image`` or ``images``), as a list; a malformed value such as a
+    number comes back as one item, for the caller to refuse with a reason."""
     refs = record.get("image", record.get("images"))
-    return [] if refs is None else [refs] if isinstance(refs, str) else list(refs)
+    return [] if refs is None else list(refs) if isinstance(refs, list) else [refs]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from torch.utils.data import IterableDataset, get_worker_info
 
+from llava_ndino.data.conversation import SampleError
 from llava_ndino.data.dataset import Skipped, encode_or_skip
 from llava_ndino.data.encode import ConversationEncoder, EncodedSample
 from llava_ndino.data.images import ImageBytes
@@ -102,7 +103,10 @@ class ShardStream(IterableDataset):
         for _ in range(skip):
             next(references)
         for k, shard, sample in references:
-            yield self.files[k][shard].get(sample)
+            try:
+                yield self.files[k][shard].get(sample)
+            except SampleError as err:  # a malformed sample: skipped and listed like any other
+                yield {"id": err.sample_id, "_error": err}, []
 
     def __iter__(self) -> Iterator[EncodedSample | Skipped]:
         info = get_worker_info()
@@ -113,4 +117,8 @@ class ShardStream(IterableDataset):
         slot, slots = self.rank * workers + worker, self.world_size * workers
         done = max(0, -(-(batches_done - worker) // workers)) * self.batch_size
         for position, (record, images) in enumerate(self.raw_stream(slot, slots, done), start=done):
-            yield encode_or_skip(self.encoder, record, position, images)
+            error = record.get("_error")
+            if error is not None:
+                yield Skipped(error.sample_id, error.reason, str(error))
+            else:
+                yield encode_or_skip(self.encoder, record, position, images)

@@ -253,6 +253,14 @@ def load_llava(
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not an HF LlavaNext folder (no config.json)")
+    model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    if (
+        model_type != "llava_next"
+    ):  # checked before building: a LLaMA folder would become a default 7B LlavaNext
+        raise ValueError(
+            f"{folder} holds a {model_type!r} model, not a LlavaNext one (model_type llava_next): pass a run "
+            "directory, a checkpoint or an HF LlavaNext folder (`ndino assemble` builds one from a tower and an LLM)"
+        )
     model = LlavaNextForConditionalGeneration.from_pretrained(
         str(folder), dtype=options.torch_dtype(), attn_implementation=options.attn_implementation
     )

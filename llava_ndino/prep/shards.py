@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import shutil
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ from tqdm import tqdm
 
 from llava_ndino.data.conversation import SampleError
 from llava_ndino.data.dataset import read_records
-from llava_ndino.data.images import image_path
+from llava_ndino.data.images import image_path, is_file
 from llava_ndino.data.shards import FORMAT, INDEX, image_refs
 
 
@@ -37,7 +39,12 @@ def llava_items(
             except SampleError as err:
                 images.append((str(ref), f"{err.reason}: {err}"))
                 continue
-            images.append((str(ref), file.read_bytes() if file.is_file() else None))
+            try:
+                images.append((str(ref), file.read_bytes() if is_file(file, sample_id) else None))
+            except SampleError as err:
+                images.append((str(ref)[:80], f"{err.reason}: {err}"))
+            except OSError as err:
+                images.append((str(ref)[:80], f"unreadable_image: {err}"))
         yield record, images
 
 
@@ -87,16 +94,58 @@ def _shard_bytes(entries: list[tuple[str, bytes]]) -> bytes:
 
 
 def write_shards(
-    items: Iterator[tuple[dict, list[tuple[str, bytes | None]]]],
+    items: Iterator[tuple[dict, list[tuple[str, bytes | str | None]]]],
     out_dir: Path,
     samples_per_shard: int = 1000,
     source: str = "",
+    max_skip_ratio: float = 0.01,
 ) -> dict:
     """Write ``items`` as tar shards plus ``index.json`` into ``out_dir``; returns the index.
 
-    Samples whose image files are missing are not written; the index lists them under ``dropped``.
+    Samples whose images are missing or refused are not written; the index lists them under
+    ``dropped``. Everything is written into a temporary sibling folder that replaces ``out_dir`` only
+    when it is complete and at most ``max_skip_ratio`` of the samples were dropped (as in training), so
+    a failed or refused run never leaves shards without their index. ``out_dir`` may already hold
+    shards (an ``index.json`` of ours); any other non-empty folder is refused.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / INDEX).is_file():
+        raise ValueError(f"{out_dir} is a non-empty folder without shards of ours: pick a new output folder")
+    final, out_dir = out_dir, out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    try:
+        index = _write_shards(items, out_dir, samples_per_shard, source)
+        _check_dropped(index, max_skip_ratio, final)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(out_dir, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return index
+
+
+def _check_dropped(index: dict, max_skip_ratio: float, final: Path) -> None:
+    """Refuse shards that dropped more than ``max_skip_ratio`` of the samples, naming the first reasons."""
+    dropped, total = len(index["dropped"]), index["samples"] + len(index["dropped"])
+    if total and dropped > max_skip_ratio * total:
+        examples = "; ".join(f"{k}: {v}" for k, v in list(index["dropped"].items())[:3])
+        raise ValueError(
+            f"{dropped} of {total} samples were dropped, above --max-skip-ratio {max_skip_ratio} "
+            f"(e.g. {examples}); check --image-root, or raise the ratio; nothing was written to {final}"
+        )
+
+
+def _write_shards(
+    items: Iterator[tuple[dict, list[tuple[str, bytes | str | None]]]],
+    out_dir: Path,
+    samples_per_shard: int,
+    source: str,
+) -> dict:
+    """The writing loop of :func:`write_shards`, into ``out_dir``."""
     shards: list[dict] = []
     dropped: dict[str, str] = {}
     pending: list[tuple[str, bytes]] = []
@@ -125,9 +174,12 @@ def write_shards(
         if images:
             column = "image" if "image" in stored else "images"
             stored[column] = members if isinstance(stored[column], list) else members[0]
-        pending.append(
-            (f"{stem}.json", json.dumps(stored, ensure_ascii=False, sort_keys=True).encode("utf-8"))
-        )
+        try:
+            encoded = json.dumps(stored, ensure_ascii=False, sort_keys=True).encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate cannot be stored as UTF-8
+            dropped[sample_id] = f"bad_text: the record is not valid Unicode ({err.reason})"
+            continue
+        pending.append((f"{stem}.json", encoded))
         pending += [(member, data) for member, (_, data) in zip(members, images, strict=True)]
         key += 1
         if key % samples_per_shard == 0:

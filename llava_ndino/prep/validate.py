@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from llava_ndino.config import load_config
+from llava_ndino.data.conversation import SampleError
 from llava_ndino.data.dataset import JsonRecords, RecordSource
 from llava_ndino.data.lengths import LengthEstimator, Measure
 from llava_ndino.data.manifests import data_root, load_manifests, read_manifest
@@ -109,8 +110,11 @@ def validate_source(source: RecordSource, estimator: LengthEstimator, out_dir: P
     measures = []
     with (out_dir / "rejected.jsonl").open("w", encoding="utf-8") as rejected:
         for index in tqdm(range(len(source)), desc=f"validate {name}", unit="sample", mininterval=1):
-            record, images = source.get(index)
-            measure = estimator.measure(record, index, images=images)
+            try:
+                record, images = source.get(index)
+                measure = estimator.measure(record, index, images=images)
+            except SampleError as err:  # the source refused the record (malformed shard member, ...)
+                measure = Measure(err.sample_id, reason=err.reason, message=str(err))
             measures.append(measure)
             if measure.reason is not None:
                 row = {"id": measure.sample_id, "reason": measure.reason, "message": measure.message}

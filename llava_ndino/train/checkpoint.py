@@ -60,6 +60,7 @@ from llava_ndino.formats.run_dir import (
     checksum_problem,
     complete_checkpoints,
     file_sha256,
+    latest_checkpoint,
     load_model_state,
     load_trainer_state,
     rank_rng_file,
@@ -181,8 +182,19 @@ def save_checkpoint(
         _write_synced(tmp / COMPLETE_FILE, json.dumps(manifest))
         for folder in sorted({path.parent for path in files}, reverse=True):
             _fsync(folder)
+    except OSError as exc:
+        written = folder_bytes(tmp) if tmp.exists() else 0
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back
+        if exc.errno == errno.ENOSPC:
+            free = shutil.disk_usage(root.parent if not root.exists() else root).free
+            raise CheckpointError(
+                f"no space left on device while saving {name}: {written / 2**30:.2f} GiB written before it "
+                f"failed, {free / 2**30:.2f} GiB free after cleaning up; free space and resume from "
+                f"{latest_checkpoint(run_dir) or 'the start'}"
+            ) from exc
+        raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # e.g. disk full: give the space back
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
     final = root / name
@@ -209,6 +221,28 @@ def _files_read(ckpt_dir: Path, rank: int, with_model: bool) -> list[str]:
         own = (f"rank_{rank}_", "mp_rank_00_model_states")
         names += [f"{SHARDS_DIR}/{p.name}" for p in sorted(shards.iterdir()) if any(k in p.name for k in own)]
     return [name for name in names if (ckpt_dir / name).is_file()]
+
+
+def folder_bytes(folder: Path) -> int:
+    """Total size of the files under ``folder``."""
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
+
+
+def check_free_space(run_dir: Path, margin: float = 1.05) -> None:
+    """Raise :class:`CheckpointError` before a save that cannot fit: the next checkpoint needs about the
+    space of the last one, and the last one is pruned only after the new one is complete."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    done = complete_checkpoints(root)
+    if not done:
+        return
+    needed = folder_bytes(done[-1]) * margin
+    free = shutil.disk_usage(root).free
+    if free < needed:
+        raise CheckpointError(
+            f"no space left for the next checkpoint in {root}: it needs about {needed / 2**30:.2f} GiB "
+            f"(the size of {done[-1].name}), {free / 2**30:.2f} GiB are free; free space, lower "
+            "train.keep_last, or move the run, then resume"
+        )
 
 
 def load_checkpoint(

@@ -28,11 +28,13 @@ from llava_ndino.formats.run_dir import (
     CONFIG_FILE,
     SKIPPED_FILE,
     TRAIN_LOG_FILE,
+    CheckpointError,
     complete_checkpoints,
     read_trainer_state,
     resolve_resume,
 )
 from llava_ndino.train.checkpoint import (
+    check_free_space,
     checkpoint_tmp_dir,
     install_termination_handler,
     load_checkpoint,
@@ -60,6 +62,8 @@ from llava_ndino.train.tasks.registry import make_task
 
 log = logging.getLogger(__name__)
 MIN_SEEN_FOR_SKIP_ABORT = 200
+MAX_EMPTY_BATCHES_IN_A_ROW = 1000
+"""Micro-batches without a usable sample after which the run stops, whatever data.max_skip_ratio allows."""
 
 
 @dataclass
@@ -108,7 +112,13 @@ class SkipTracker:
                         "seen": self.seen,
                     }
                     handle.write(json.dumps(row) + "\n")
-                log.warning("skipped %s", item.message)
+                if self.reasons[item.reason] == 1:  # the first of each reason in full; the rest are counted
+                    log.warning(
+                        "skipped %s (further %s skips are counted, and listed in %s)",
+                        item.message,
+                        item.reason,
+                        self.path.name,
+                    )
         skipped = sum(self.reasons.values())
         if self.seen >= self.min_seen and skipped > self.max_ratio * self.seen:
             raise RuntimeError(
@@ -295,6 +305,18 @@ def _nonfinite_parameters(model: torch.nn.Module) -> int:
         return sum(int(not torch.isfinite(p).all()) for p in model.parameters() if p.numel())
 
 
+def _agree_on_free_space(engine: Engine, run_dir: Path) -> None:
+    """Rank 0 checks the free space for the next checkpoint; every rank stops together when it is short."""
+    error = None
+    if engine.is_main:
+        try:
+            check_free_space(run_dir)
+        except CheckpointError as exc:
+            error = exc
+    if engine.all_reduce_sum(float(error is not None)):
+        raise error or CheckpointError(f"rank 0 found no space for the next checkpoint in {run_dir}")
+
+
 def _save(run: Run, step: int, consumed: int) -> None:
     """Every rank writes its shards and RNG state into the temp dir, then rank 0 completes the save.
 
@@ -307,6 +329,7 @@ def _save(run: Run, step: int, consumed: int) -> None:
             f"step {step}: {int(bad)} parameter tensor(s) hold NaN or Inf; not saving them over the last "
             "good checkpoint: resume from it (a lower train.lr usually helps)"
         )
+    _agree_on_free_space(engine, run_dir)
     if engine.is_main:
         prepare_checkpoint_dir(run_dir, step)
     engine.barrier()
@@ -391,12 +414,16 @@ def _next_batch(run: Run, batches) -> tuple[Batch, int]:
     forward and backward passes and the collectives inside them stay matched.
     """
     consumed = 0
-    while True:
+    for _ in range(MAX_EMPTY_BATCHES_IN_A_ROW):
         batch = next(batches)
         run.skips.update(batch)
         consumed += batch.num_raw * run.engine.world_size
         if not batch.empty:
             return batch, consumed
+    raise RuntimeError(
+        f"{MAX_EMPTY_BATCHES_IN_A_ROW} micro-batches in a row held no usable sample ({dict(run.skips.reasons)}); "
+        f"see {run.skips.path} and fix the data"
+    )
 
 
 MAX_NONFINITE_IN_A_ROW = 5

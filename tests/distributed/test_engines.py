@@ -244,6 +244,7 @@ def test_stage_recipe_runs_under_its_own_engine(stage: str, tiny_dirs, tmp_path:
         f"model.llm={tiny_dirs['llm']}",
         "init_from=null",
         "model.dtype=float32",
+        "data.mixture=null",
         "data.synthetic.kind=shapes",
         "data.synthetic.train=16",
         "data.synthetic.image_size=112",

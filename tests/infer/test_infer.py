@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +136,7 @@ def test_jsonl_bad_image_gets_an_error_line(answerer: Answerer, images, tmp_path
     counts = answerer.answer_jsonl(
         in_path, out_path, batch_size=2, image_root=tmp_path, max_new_tokens=NEW_TOKENS
     )
-    assert counts == {"answered": 3, "errors": 2}
+    assert counts == {"answered": 3, "errors": 2, "already_done": 0}
     lines = [json.loads(line) for line in out_path.read_text(encoding="utf-8").splitlines()]
     assert [line["id"] for line in lines] == ["a", "missing", "b", "broken", "c"]
     assert set(lines[1]) == {"id", "error"} and "nowhere.png" in lines[1]["error"]
@@ -145,11 +146,13 @@ def test_jsonl_bad_image_gets_an_error_line(answerer: Answerer, images, tmp_path
         assert line == {"id": line["id"], "question": question, "answer": answer}
 
 
-def test_jsonl_malformed_line_names_the_line(answerer: Answerer, tmp_path: Path) -> None:
+def test_jsonl_malformed_line_is_an_error_line_naming_the_line(answerer: Answerer, tmp_path: Path) -> None:
     in_path = tmp_path / "in.jsonl"
     in_path.write_text('{"id": 1, "image": "x.png", "question": "q"}\n{"id": 2, "image": "y.png"}\n')
-    with pytest.raises(ValueError, match=r"in\.jsonl:2: missing question"):
-        answerer.answer_jsonl(in_path, tmp_path / "out.jsonl")
+    counts = answerer.answer_jsonl(in_path, tmp_path / "out.jsonl", image_root=tmp_path)
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert counts["errors"] == 2 and [line["id"] for line in lines] == [1, 2]
+    assert "x.png" in lines[0]["error"] and re.search(r"in\.jsonl:2: missing question", lines[1]["error"])
 
 
 def test_cli_ask_prints_the_answer(answerer, images, model_dir: Path, tmp_path: Path, capsys) -> None:

@@ -58,6 +58,9 @@ def test_shard_cli_drops_missing_images_and_reads_hf_folders(tmp_path: Path, cap
     good = {"id": "ok", "image": "x.png", "conversations": turns[0]}
     data.write_text(json.dumps([good, {**good, "id": "gone", "image": "none.png"}]))
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
-    assert main(["data", "shard", str(data), str(tmp_path / "out")]) == 0
+    assert main(["data", "shard", str(data), str(tmp_path / "out")]) == 2  # one of two lost: refused
+    assert "1 of 2 samples were dropped, above --max-skip-ratio 0.01" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main(["data", "shard", str(data), str(tmp_path / "out"), "--max-skip-ratio", "0.5"]) == 0
     assert "dropped gone: missing image(s) none.png" in capsys.readouterr().out
     assert json.loads((tmp_path / "out" / "index.json").read_text())["samples"] == 1

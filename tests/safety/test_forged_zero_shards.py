@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from llava_ndino.formats.run_dir import file_sha256
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = [
@@ -49,7 +51,8 @@ def test_a_payload_in_a_zero_shard_refuses_the_resume(tmp_path: Path) -> None:
     state["extra"] = _Payload(marker)
     torch.save(state, shard)
     manifest = json.loads((checkpoint / "COMPLETE").read_text())
-    manifest["files"]["zero/mp_rank_00_model_states.pt"] = shard.stat().st_size  # forge the sizes too
+    manifest["files"]["zero/mp_rank_00_model_states.pt"] = shard.stat().st_size  # forge the sizes and
+    manifest["sha256"]["zero/mp_rank_00_model_states.pt"] = file_sha256(shard)  # the checksum too
     (checkpoint / "COMPLETE").write_text(json.dumps(manifest))
 
     resumed = _torchrun(run, 3)
