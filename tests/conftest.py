@@ -121,3 +121,27 @@ def write_broken_dataset(root: Path) -> tuple[Path, dict[str, str]]:
 def broken_dataset(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """``write_broken_dataset``'s file and its {broken id: reason}."""
     return write_broken_dataset(tmp_path_factory.mktemp("broken"))
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm():
+    """(config, model, processor) of the demo recipe's tiny VLM at the test sizes, fresh per module."""
+    from llava_ndino.config import load_config
+    from llava_ndino.model.loading import build_model
+    from tests.helpers import TINY_DEMO
+
+    cfg = load_config(TINY_DEMO)
+    model, processor = build_model(cfg.model, seed=0)
+    return cfg, model, processor
+
+
+@pytest.fixture(scope="module")
+def text_tokenizers(tiny_dirs) -> dict:
+    """The tiny LLaMA-3-style tokenizer prepared for llama3 and each text template (tokens and Jinja)."""
+    from llava_ndino.formats.prompts import get_template
+    from llava_ndino.model.peft_setup import prepare_tokenizer
+    from tests.helpers import TEXT_TEMPLATES
+
+    return {
+        name: prepare_tokenizer(tiny_dirs["llm"], get_template(name)) for name in (*TEXT_TEMPLATES, "llama3")
+    }

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +80,26 @@ def image_path(root: Path, ref: str, sample_id: str, allow_outside: bool = False
     return path
 
 
+@contextmanager
+def decode_errors(path: Path | ImageBytes, sample_id: str) -> Iterator[None]:
+    """Turn PIL's failures while reading ``path`` into :class:`SampleError`: ``image_too_large`` above
+    PIL's own pixel limit, ``unreadable_image`` for anything it cannot decode (its text- and ICC-chunk
+    limits raise ValueError)."""
+    try:
+        yield
+    except SampleError:
+        raise
+    except Image.DecompressionBombError as err:  # above PIL's own limit (Image.MAX_IMAGE_PIXELS)
+        raise SampleError(sample_id, "image_too_large", f"image {path} is too large for PIL ({err})") from err
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        raise SampleError(sample_id, "unreadable_image", f"image {path} cannot be decoded ({err})") from err
+
+
+def open_image(path: Path | ImageBytes) -> Image.Image:
+    """Open a file or :class:`ImageBytes` lazily with PIL (only the header is read)."""
+    return path.open() if isinstance(path, ImageBytes) else Image.open(path)
+
+
 def load_image(path: Path | ImageBytes, sample_id: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open ``path`` (a file or :class:`ImageBytes`) as an upright RGB image, or raise
     :class:`SampleError` naming the sample and file."""
@@ -87,25 +109,13 @@ def load_image(path: Path | ImageBytes, sample_id: str, max_pixels: int = DEFAUL
             raise SampleError(
                 sample_id, "missing_image", f"image {path} does not exist; check data.image_root"
             )
-    try:
-        with path.open() if isinstance(path, ImageBytes) else Image.open(path) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise SampleError(
-                    sample_id,
-                    "image_too_large",
-                    f"image {path} has {width}x{height} pixels, above the limit of {max_pixels:,}",
-                )
-            image.load()
-            return to_rgb(ImageOps.exif_transpose(image))
-    except SampleError:
-        raise
-    except Image.DecompressionBombError as err:  # above PIL's own limit (Image.MAX_IMAGE_PIXELS)
-        raise SampleError(sample_id, "image_too_large", f"image {path} is too large for PIL ({err})") from err
-    except (
-        OSError,
-        UnidentifiedImageError,
-        ValueError,
-        SyntaxError,
-    ) as err:  # PIL's chunk limits raise ValueError
-        raise SampleError(sample_id, "unreadable_image", f"image {path} cannot be decoded ({err})") from err
+    with decode_errors(path, sample_id), open_image(path) as image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise SampleError(
+                sample_id,
+                "image_too_large",
+                f"image {path} has {width}x{height} pixels, above the limit of {max_pixels:,}",
+            )
+        image.load()
+        return to_rgb(ImageOps.exif_transpose(image))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from llava_ndino.data.conversation import (
     SampleError,
@@ -21,7 +21,15 @@ from llava_ndino.data.conversation import (
     guard_control_tokens,
     parse_sample,
 )
-from llava_ndino.data.images import DEFAULT_MAX_PIXELS, ImageBytes, image_path, is_file, load_image
+from llava_ndino.data.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageBytes,
+    decode_errors,
+    image_path,
+    is_file,
+    load_image,
+    open_image,
+)
 from llava_ndino.formats.prompts import IMAGE_PLACEHOLDER, Template, get_template
 
 EXIF_ORIENTATION = 0x0112
@@ -52,19 +60,9 @@ def header_size(path: Path | ImageBytes, sample_id: str, max_pixels: int) -> tup
     """Upright (height, width) of the image at ``path`` from its header; raises :class:`SampleError`."""
     if not isinstance(path, ImageBytes) and not is_file(path, sample_id):
         raise SampleError(sample_id, "missing_image", f"image {path} does not exist; check data.image_root")
-    try:
-        with path.open() if isinstance(path, ImageBytes) else Image.open(path) as image:
-            width, height = image.size
-            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-    except Image.DecompressionBombError as err:
-        raise SampleError(sample_id, "image_too_large", f"image {path} is too large for PIL ({err})") from err
-    except (
-        OSError,
-        UnidentifiedImageError,
-        ValueError,
-        SyntaxError,
-    ) as err:  # PIL's chunk limits raise ValueError
-        raise SampleError(sample_id, "unreadable_image", f"image {path} cannot be decoded ({err})") from err
+    with decode_errors(path, sample_id), open_image(path) as image:
+        width, height = image.size
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
     if width * height > max_pixels:
         raise SampleError(
             sample_id,

@@ -73,16 +73,28 @@ def atomic_folder(out: Path, sources: list[Path] = (), force: bool = False) -> I
     swap it in: the old folder is renamed aside and removed only after the new one is in place."""
     out = Path(out).expanduser()
     check_output_folder(out, sources, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # only a leftover of this very name and process id
-    tmp.mkdir()
+    tmp = fresh_sibling(out)
     try:
         yield tmp
         (tmp / MARKER).write_text(json.dumps({"written_by": "llava-ndino"}) + "\n", encoding="utf-8")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    swap_folder(tmp, out)
+
+
+def fresh_sibling(out: Path) -> Path:
+    """An empty temporary folder beside ``out`` (``.NAME.tmp-PID``) to write the new content into."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # only a leftover of this very name and process id
+    tmp.mkdir()
+    return tmp
+
+
+def swap_folder(tmp: Path, out: Path) -> None:
+    """Put the complete folder ``tmp`` in place of ``out`` with renames; the old ``out`` is removed
+    only once the new one is there, so a crash leaves one of the two whole."""
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
         os.replace(out, old)

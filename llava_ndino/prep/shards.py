@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
 import tarfile
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from llava_ndino.data.conversation import SampleError
 from llava_ndino.data.dataset import read_records
 from llava_ndino.data.images import image_path, is_file
 from llava_ndino.data.shards import FORMAT, INDEX, image_refs
+from llava_ndino.export.folders import fresh_sibling, swap_folder
 
 
 def llava_items(
@@ -111,20 +111,14 @@ def write_shards(
     out_dir = Path(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / INDEX).is_file():
         raise ValueError(f"{out_dir} is a non-empty folder without shards of ours: pick a new output folder")
-    final, out_dir = out_dir, out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.mkdir(parents=True)
+    final, out_dir = out_dir, fresh_sibling(out_dir)
     try:
         index = _write_shards(items, out_dir, samples_per_shard, source)
         _check_dropped(index, max_skip_ratio, final)
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(out_dir, final)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_folder(out_dir, final)
     return index
 
 

@@ -66,18 +66,23 @@ def _allow_outside(cfg: RunConfig) -> bool:
     return cfg.data.allow_images_outside_root or bool(cfg.data.mixture and cfg.data.synthetic.kind is None)
 
 
+def _encoding(cfg: RunConfig) -> dict:
+    """The settings the encoder and the length estimator share: template, limits, image root, guards."""
+    data = cfg.data
+    return {
+        "template": data.template,
+        "max_length": data.max_length,
+        "image_root": data.image_root,
+        "max_pixels": data.max_pixels,
+        "allow_outside_root": _allow_outside(cfg),
+        "control_tokens": data.control_tokens,
+    }
+
+
 def vlm_dataset(cfg: RunConfig, processor, split: str = "train") -> Dataset:
     """Map-style encoded data, or a :class:`ShardStream` when the data are webdataset shards."""
     data = cfg.data
-    encoder = ConversationEncoder(
-        processor,
-        data.template,
-        data.max_length,
-        data.image_root,
-        data.max_pixels,
-        allow_outside_root=_allow_outside(cfg),
-        control_tokens=data.control_tokens,
-    )
+    encoder = ConversationEncoder(processor, **_encoding(cfg))
     shards = _shard_parts(cfg)
     if shards is not None:
         return ShardStream(shards, encoder, cfg.seed, cfg.train.per_device_batch_size, data.shuffle_buffer)
@@ -95,15 +100,7 @@ def vlm_sampler(
         return None
     if not data.group_by_length:
         return ResumableSampler(len(dataset), cfg.seed, start=start, rank=rank, world_size=world_size)
-    estimator = LengthEstimator(
-        processor,
-        data.template,
-        data.max_length,
-        data.image_root,
-        data.max_pixels,
-        allow_outside_root=_allow_outside(cfg),
-        control_tokens=data.control_tokens,
-    )
+    estimator = LengthEstimator(processor, **_encoding(cfg))
     key = {
         "data": data.mixture or data.path or data.synthetic.kind,
         "template": data.template,

@@ -9,20 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from llava_ndino.config import load_config
 from llava_ndino.data.dataset import Collator, EncodedDataset, JsonRecords, ResumableSampler
 from llava_ndino.data.encode import ConversationEncoder
-from llava_ndino.model.loading import build_model
 from llava_ndino.train.loop import SkipTracker
-
-TINY = ["recipe=demo", "output_dir=unused", "model.tiny.hidden_size=64", "data.synthetic.image_size=112"]
-
-
-@pytest.fixture(scope="module")
-def tiny_vlm():
-    cfg = load_config(TINY)
-    model, processor = build_model(cfg.model, seed=0)
-    return cfg, model, processor
 
 
 def test_sampler_resumes_mid_epoch_and_splits_ranks() -> None:

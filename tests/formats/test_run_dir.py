@@ -8,30 +8,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from llava_ndino.formats.run_dir import CheckpointError, latest_checkpoint, resolve_resume
-from llava_ndino.train.checkpoint import save_checkpoint
-
-
-def _save(run_dir: Path, step: int, keep_last: int = 10, value: float = 0.0) -> Path:
-    """Save a tiny checkpoint whose single tensor is filled with ``value``."""
-    return save_checkpoint(
-        run_dir,
-        step,
-        model_state={"w": torch.full((3,), value)},
-        optimizer_state=None,
-        scheduler_state=None,
-        trainer_state={"epoch": 0},
-        config_text="seed: 0\n",
-        keep_last=keep_last,
-    )
+from tests.helpers import save_tiny_checkpoint
 
 
 def test_latest_falls_back_to_newest_complete_checkpoint(tmp_path: Path, caplog) -> None:
     assert latest_checkpoint(tmp_path) is None
     for step in (1, 2, 3):
-        _save(tmp_path, step)
+        save_tiny_checkpoint(tmp_path, step)
     root = tmp_path / "checkpoints"
     assert latest_checkpoint(tmp_path) == root / "step_3"
 
@@ -54,8 +39,8 @@ def test_resolve_resume(tmp_path: Path) -> None:
     run = tmp_path / "run"
     for value in ("none", "None", "", "auto"):
         assert resolve_resume(value, run) is None
-    _save(run, 1)
-    step_2 = _save(run, 2)
+    save_tiny_checkpoint(run, 1)
+    step_2 = save_tiny_checkpoint(run, 2)
     step_1 = run / "checkpoints" / "step_1"
     assert resolve_resume("auto", run) == step_2
     assert resolve_resume("none", run) is None
@@ -71,7 +56,7 @@ def test_resolve_resume_errors_name_the_path(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=f"{tmp_path} is neither a run directory"):
         resolve_resume(str(tmp_path), tmp_path)
 
-    step = _save(tmp_path / "run", 1)
+    step = save_tiny_checkpoint(tmp_path / "run", 1)
     (step / "COMPLETE").unlink()
     with pytest.raises(CheckpointError, match=f"{step}.*no COMPLETE marker"):
         resolve_resume(str(step), tmp_path)

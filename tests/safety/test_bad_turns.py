@@ -8,37 +8,32 @@ import pytest
 from llava_ndino.data.conversation import SampleError, parse_sample
 
 
-@pytest.mark.parametrize("value", [None, 42, {"text": "ciao"}, ["ciao"], True])
-def test_a_non_text_llava_turn_is_a_bad_turn_value(value) -> None:
-    sample = {
+def _llava(answer: object) -> dict:
+    return {
         "id": "s1",
-        "conversations": [{"from": "human", "value": "Ciao?"}, {"from": "gpt", "value": value}],
+        "conversations": [{"from": "human", "value": "Ciao?"}, {"from": "gpt", "value": answer}],
     }
-    with pytest.raises(SampleError, match="'s1'.*turn 1 'value' must be text") as caught:
-        parse_sample(sample)
-    assert caught.value.reason == "bad_turn_value"
 
 
-@pytest.mark.parametrize("content", [None, 3.5, {"type": "text"}])
-def test_a_non_text_message_content_is_a_bad_turn_value(content) -> None:
-    sample = {
+def _openai(content: object) -> dict:
+    return {
         "id": "s2",
         "messages": [{"role": "user", "content": "Ciao?"}, {"role": "assistant", "content": content}],
     }
-    with pytest.raises(SampleError) as caught:
-        parse_sample(sample)
-    assert caught.value.reason == "bad_turn_value"
 
 
-@pytest.mark.parametrize("answer", ["", "   ", "\n\t"])
-def test_an_empty_answer_is_skipped(answer: str) -> None:
-    sample = {
-        "id": "s3",
-        "conversations": [{"from": "human", "value": "Ciao?"}, {"from": "gpt", "value": answer}],
-    }
-    with pytest.raises(SampleError, match="assistant turn is empty") as caught:
+@pytest.mark.parametrize(
+    ("sample", "reason"),
+    [
+        *[(_llava(value), "bad_turn_value") for value in (None, 42, {"text": "ciao"}, ["ciao"], True)],
+        *[(_openai(content), "bad_turn_value") for content in (None, 3.5, {"type": "text"})],
+        *[(_llava(answer), "empty_answer") for answer in ("", "   ", "\n\t")],
+    ],
+)
+def test_a_bad_turn_is_skipped_with_its_reason(sample: dict, reason: str) -> None:
+    with pytest.raises(SampleError, match=f"'{sample['id']}'") as caught:
         parse_sample(sample)
-    assert caught.value.reason == "empty_answer"
+    assert caught.value.reason == reason
 
 
 def test_a_good_sample_still_parses() -> None:

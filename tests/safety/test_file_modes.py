@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from llava_ndino.formats.tensor_files import save_safetensors, umask_mode
-from llava_ndino.train.checkpoint import save_checkpoint
+from tests.helpers import save_tiny_checkpoint
 
 
 def _mode(path: Path) -> int:
@@ -29,16 +29,7 @@ def test_safetensors_follow_the_umask(tmp_path: Path) -> None:
 def test_every_checkpoint_file_has_the_same_mode(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:
-        path = save_checkpoint(
-            tmp_path,
-            1,
-            model_state={"w": torch.zeros(2)},
-            optimizer_state={"state": {}, "param_groups": []},
-            scheduler_state=None,
-            trainer_state={},
-            config_text="",
-            keep_last=1,
-        )
+        path = save_tiny_checkpoint(tmp_path, 1)
     finally:
         os.umask(old)
     assert {_mode(file) for file in path.iterdir()} == {0o644}

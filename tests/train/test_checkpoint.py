@@ -23,6 +23,7 @@ from llava_ndino.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from tests.helpers import save_tiny_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHILD_TIMEOUT_S = 60
@@ -84,20 +85,6 @@ SIGTERM_CHILD = textwrap.dedent(
     sys.exit(0)
     """
 )
-
-
-def _save(run_dir: Path, step: int, keep_last: int = 10, value: float = 0.0) -> Path:
-    """Save a tiny checkpoint whose single tensor is filled with ``value``."""
-    return save_checkpoint(
-        run_dir,
-        step,
-        model_state={"w": torch.full((3,), value)},
-        optimizer_state=None,
-        scheduler_state=None,
-        trainer_state={"epoch": 0},
-        config_text="seed: 0\n",
-        keep_last=keep_last,
-    )
 
 
 def _steps(run_dir: Path) -> list[str]:
@@ -199,7 +186,7 @@ def test_round_trip_model_optimizer_scheduler_rng(tmp_path: Path) -> None:
 
 
 def test_restore_rng_warns_about_missing_cuda_devices(tmp_path: Path, caplog) -> None:
-    state = load_checkpoint(_save(tmp_path, 1)).rng_state
+    state = load_checkpoint(save_tiny_checkpoint(tmp_path, 1)).rng_state
     state["cuda"] = [*torch.cuda.get_rng_state_all(), torch.zeros(16, dtype=torch.uint8)]  # one too many
     with caplog.at_level(logging.WARNING):
         restore_rng_state(state)
@@ -250,23 +237,23 @@ def test_tied_shared_and_non_contiguous_tensors(tmp_path: Path) -> None:
 
 def test_keep_last_prunes_old_checkpoints(tmp_path: Path) -> None:
     for step in range(1, 6):
-        _save(tmp_path, step, keep_last=2)
+        save_tiny_checkpoint(tmp_path, step, keep_last=2)
     assert _steps(tmp_path) == ["step_4", "step_5"]
 
-    _save(tmp_path, 3, keep_last=1)  # resumed from an older checkpoint: latest is never pruned
+    save_tiny_checkpoint(tmp_path, 3, keep_last=1)  # resumed from an older checkpoint: latest is never pruned
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_3\n"
     assert _steps(tmp_path) == ["step_3", "step_5"]
 
     for step in (6, 7):
-        _save(tmp_path, step, keep_last=0)
+        save_tiny_checkpoint(tmp_path, step, keep_last=0)
     assert _steps(tmp_path) == ["step_3", "step_5", "step_6", "step_7"]
     with pytest.raises(ValueError, match="keep_last"):
-        _save(tmp_path, 8, keep_last=-1)
+        save_tiny_checkpoint(tmp_path, 8, keep_last=-1)
 
 
 def test_saving_a_step_again_replaces_it(tmp_path: Path) -> None:
-    _save(tmp_path, 1, value=1.0)
-    path = _save(tmp_path, 1, value=2.0)
+    save_tiny_checkpoint(tmp_path, 1, value=1.0)
+    path = save_tiny_checkpoint(tmp_path, 1, value=2.0)
     assert torch.equal(load_checkpoint(path).model_state["w"], torch.full((3,), 2.0))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step_1"]
 
@@ -341,7 +328,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path: Path, caplog, k
     assert loaded.step == 1 and loaded.trainer_state == {"consumed_samples": 8}
     assert torch.equal(loaded.model_state["w"], torch.full((256, 1024), 1.0))
 
-    _save(tmp_path, 2, keep_last=3, value=5.0)
+    save_tiny_checkpoint(tmp_path, 2, keep_last=3, value=5.0)
     assert latest_checkpoint(tmp_path) == root / "step_2"
     assert torch.equal(load_checkpoint(root / "step_2").model_state["w"], torch.full((3,), 5.0))
     assert sorted(os.listdir(root)) == ["latest", "step_1", "step_2"]

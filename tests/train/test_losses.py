@@ -3,27 +3,15 @@ positions, and chunked above LOSS_CHUNK_ABOVE positions, each equal to the plain
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from llava_ndino.config import load_config
 from llava_ndino.data.dataset import Collator, EncodedDataset
 from llava_ndino.data.encode import ConversationEncoder
-from llava_ndino.model.loading import build_model
 from llava_ndino.synthetic.shapes import ShapesRecords
 from llava_ndino.train import losses
 from llava_ndino.train.losses import label_positions, token_loss_sum
 from llava_ndino.train.parts import apply_trainable
 from llava_ndino.train.tasks.registry import make_task
-
-TINY = ["recipe=demo", "output_dir=unused", "model.tiny.hidden_size=64", "data.synthetic.image_size=112"]
-
-
-@pytest.fixture(scope="module")
-def tiny_vlm():
-    cfg = load_config(TINY)
-    model, processor = build_model(cfg.model, seed=0)
-    return cfg, model, processor
 
 
 def test_accumulated_loss_equals_one_big_batch(tiny_vlm) -> None:

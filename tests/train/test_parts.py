@@ -5,18 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from llava_ndino.config import load_config
-from llava_ndino.model.loading import build_model
 from llava_ndino.train.parts import apply_trainable, param_groups
-
-TINY = ["recipe=demo", "output_dir=unused", "model.tiny.hidden_size=64", "data.synthetic.image_size=112"]
-
-
-@pytest.fixture(scope="module")
-def tiny_vlm():
-    cfg = load_config(TINY)
-    model, processor = build_model(cfg.model, seed=0)
-    return cfg, model, processor
 
 
 def test_freezing_and_per_part_learning_rates(tiny_vlm) -> None:
