@@ -11,7 +11,7 @@ Row formats (JSONL, or a JSON list, read by :func:`~llava_ndino.data.dataset.rea
   the prompt and their last assistant turn the answer.
 
 Which tokens carry loss comes from the template registry (:mod:`llava_ndino.formats.prompts`), as
-for the vision data. Bad rows become :class:`~llava_ndino.data.dataset.Skipped` and the loop
+for the vision data; sft can instead train on every token (``data.train_on=all``). Bad rows become :class:`~llava_ndino.data.dataset.Skipped` and the loop
 counts and lists them.
 """
 
@@ -33,7 +33,7 @@ from llava_ndino.data.conversation import (
 )
 from llava_ndino.data.dataset import Batch, Skipped
 from llava_ndino.data.encode import IGNORE_INDEX, EncodedSample, collate, labels_in_spans
-from llava_ndino.formats.prompts import Message, Segment, Template
+from llava_ndino.formats.prompts import TRAIN_ON, Message, Segment, Template
 
 
 def _sample_id(record: object, index: int) -> str:
@@ -93,7 +93,12 @@ def trained_spans(segments: list[Segment]) -> list[tuple[int, int]]:
 
 
 class SftEncoder:
-    """Encode instruction/chat rows with a template: loss on the assistant turns only."""
+    """Encode instruction/chat rows with a template.
+
+    ``train_on="assistant"`` puts loss on the template's trained segments (the answers and their stop
+    token); ``"all"`` on every token of the rendered text, as a trainer fed a plain text field does
+    (LLaMAntino-3-ANITA's ``finetune_llama3.py``); padding never carries loss.
+    """
 
     def __init__(
         self,
@@ -101,9 +106,13 @@ class SftEncoder:
         template: Template,
         max_length: int,
         control_tokens: str = "skip",
+        train_on: str = "assistant",
     ):
+        if train_on not in TRAIN_ON:
+            raise ValueError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
         self.tokenizer, self.template, self.max_length = tokenizer, template, max_length
         self.control_tokens, self.control_pattern = control_tokens, control_token_pattern(tokenizer)
+        self.train_on = train_on
 
     def encode(self, record: dict, index: int = 0, images: None = None) -> EncodedSample:
         """Encode one row (``images`` is accepted for the record-source interface and must be None)."""
@@ -113,7 +122,8 @@ class SftEncoder:
         )
         segments = self.template.render(messages)
         text = "".join(s.text for s in segments)
-        input_ids, labels = encode_spans(self.tokenizer, text, trained_spans(segments))
+        spans = trained_spans(segments) if self.train_on == "assistant" else [(0, len(text))]
+        input_ids, labels = encode_spans(self.tokenizer, text, spans)
         input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
         if not (labels != IGNORE_INDEX).any():
             raise SampleError(conversation.sample_id, "no_target", "has no answer tokens within max_length")

@@ -2,8 +2,8 @@
 
 A template renders a list of messages into segments; each segment says whether its tokens are
 trained. The training pipeline masks labels from these segments, and the Jinja chat template that
-ships inside exported processors renders the same text (tests check both against each other and
-against Meta's LLaMA-3 template).
+ships inside exported processors renders the same text (tests check both against each other, against
+Meta's LLaMA-3 template and against the strings the LLaMAntino model cards and ANITA's scripts publish).
 """
 
 from __future__ import annotations
@@ -107,10 +107,15 @@ LLAMANTINO2_SYSTEM_PROMPT = (
     "Se una domanda non ha senso o non e' coerente con i fatti, spiegane il motivo invece di rispondere in "
     "modo non corretto. Se non conosci la risposta a una domanda, non condividere informazioni false."
 )
-# LLaMAntino-2 instruction models (dolly-ITA, EVALITA): the Italian Alpaca preamble.
+# LLaMAntino-2 instruction models (dolly-ITA, EVALITA): the Italian Alpaca preambles of their model
+# cards' "Fine-Tuned Version" prompt format, one for rows with an input, one for rows without.
 ALPACA_IT_PREAMBLE = (
     "Di seguito è riportata un'istruzione che descrive un'attività, abbinata ad un input che fornisce "
     "ulteriore informazione. Scrivi una risposta che soddisfi adeguatamente la richiesta."
+)
+ALPACA_IT_NO_INPUT_PREAMBLE = (
+    "Di seguito è riportata un'istruzione che descrive un'attività. "
+    "Scrivi una risposta che soddisfi adeguatamente la richiesta."
 )
 # LLaMAntino-3-ANITA's system prompt, as its model card writes it (including "un an").
 ANITA_SYSTEM_PROMPT = (
@@ -128,13 +133,18 @@ def _split_system(messages: list[Message], default: str) -> tuple[str, list[Mess
 
 
 def _llama2_render(messages: list[Message]) -> list[Segment]:
+    """The LLaMAntino-2 chat cards' string: ``<s>`` (the BOS their tokenizer adds) then
+    ``" [INST]<<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user}[/INST] {answer} </s> <s> [INST]{user}[/INST]"``:
+    no space after ``[INST]`` nor before ``[/INST]``, one between ``</s>`` and ``<s>``."""
     system, rest = _split_system(messages, LLAMANTINO2_SYSTEM_PROMPT)
     segments, first = [], True
     for message in rest:
         body = message.content.strip()
         if message.role == "user":
-            prefix = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if first else ""
-            segments.append(Segment(f"{LLAMA2_BOS}[INST] {prefix}{body} [/INST]", False))
+            opening = (
+                f"{LLAMA2_BOS} [INST]<<SYS>>\n{system}\n<</SYS>>\n\n" if first else f" {LLAMA2_BOS} [INST]"
+            )
+            segments.append(Segment(f"{opening}{body}[/INST]", False))
             first = False
         elif message.role == "assistant":
             segments.append(Segment(f" {body} {LLAMA2_EOS}", True))
@@ -145,8 +155,15 @@ def _llama2_generation_prompt(messages: list[Message]) -> str:
     return "".join(s.text for s in _llama2_render(messages))
 
 
+def has_input(messages: list[Message]) -> bool:
+    """Whether an instruction conversation has an input: a user turn right after a user turn (how
+    :func:`~llava_ndino.data.text.text_conversation` maps a row's non-empty ``input``)."""
+    return any(a.role == b.role == "user" for a, b in zip(messages, messages[1:], strict=False))
+
+
 def _alpaca_render(messages: list[Message]) -> list[Segment]:
-    preamble, rest = _split_system(messages, ALPACA_IT_PREAMBLE)
+    default = ALPACA_IT_PREAMBLE if has_input(messages) else ALPACA_IT_NO_INPUT_PREAMBLE
+    preamble, rest = _split_system(messages, default)
     segments, previous = [Segment(LLAMA2_BOS + preamble, False)], ""
     for message in rest:
         body = message.content.strip()
@@ -177,6 +194,28 @@ def _with_system(render: Callable[[list[Message]], list[Segment]], default: str)
 def _anita_generation_prompt(messages: list[Message]) -> str:
     segments = _with_system(_llama3_render, ANITA_SYSTEM_PROMPT)(messages)
     return "".join(s.text for s in segments) + f"{START_HEADER}assistant{END_HEADER}\n\n"
+
+
+def _anita_script_turns(messages: list[Message]) -> list[Segment]:
+    """The turns as ANITA's SFT script renders them: Meta's LLaMA-3 template with every
+    ``<|eot_id|>`` widened to ``" <|eot_id|> "`` and a space after ``<|begin_of_text|>``."""
+    segments = [Segment(BEGIN_OF_TEXT + " ", False)]
+    for message in messages:
+        header = f"{START_HEADER}{message.role}{END_HEADER}\n\n"
+        body = message.content.strip()
+        if message.role == "assistant":
+            segments += [Segment(header, False), Segment(f"{body} {EOT}", True), Segment(" ", False)]
+        else:
+            segments.append(Segment(f"{header}{body} {EOT} ", False))
+    return segments
+
+
+def _anita_script_render(messages: list[Message]) -> list[Segment]:
+    return [*_anita_script_turns(messages), Segment(END_OF_TEXT, False)]
+
+
+def _anita_script_generation_prompt(messages: list[Message]) -> str:
+    return "".join(s.text for s in _anita_script_turns(messages)) + f"{START_HEADER}assistant{END_HEADER}\n\n"
 
 
 # Meta's LLaMA-3 template, extended to transformers' list-of-items content (images render as
@@ -215,18 +254,24 @@ LLAMA2_IT_CHAT_TEMPLATE = (
     + '" %}'
     + _SYSTEM_OR_DEFAULT
     + "{% set ns = namespace(first=true) %}{% for message in loop_messages %}"
-    "{% if message['role'] == 'user' %}{{ '<s>[INST] ' }}"
-    "{% if ns.first %}{{ '<<SYS>>\n' + system + '\n<</SYS>>\n\n' }}{% set ns.first = false %}{% endif %}"
-    "{{ message['content'] | trim + ' [/INST]' }}"
+    "{% if message['role'] == 'user' %}"
+    "{% if ns.first %}{{ '<s> [INST]<<SYS>>\n' + system + '\n<</SYS>>\n\n' }}{% set ns.first = false %}"
+    "{% else %}{{ ' <s> [INST]' }}{% endif %}"
+    "{{ message['content'] | trim + '[/INST]' }}"
     "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] | trim + ' </s>' }}{% endif %}"
     "{% endfor %}"
 )
 ALPACA_IT_TEMPLATE = (
-    '{% set default_system = "'
+    "{% set ns = namespace(previous='', has_input=false) %}{% for message in messages %}"
+    "{% if message['role'] == 'user' and ns.previous == 'user' %}{% set ns.has_input = true %}{% endif %}"
+    "{% set ns.previous = message['role'] %}{% endfor %}"
+    '{% if ns.has_input %}{% set default_system = "'
     + ALPACA_IT_PREAMBLE
-    + '" %}'
+    + '" %}{% else %}{% set default_system = "'
+    + ALPACA_IT_NO_INPUT_PREAMBLE
+    + '" %}{% endif %}'
     + _SYSTEM_OR_DEFAULT
-    + "{{ '<s>' + system }}{% set ns = namespace(previous='') %}{% for message in loop_messages %}"
+    + "{{ '<s>' + system }}{% set ns.previous = '' %}{% for message in loop_messages %}"
     "{% if message['role'] == 'user' %}"
     "{% if ns.previous == 'user' %}{{ '\n\n### Input:\n' }}{% else %}{{ '\n\n### Istruzione:\n' }}{% endif %}"
     "{{ message['content'] | trim }}"
@@ -239,6 +284,13 @@ LLAMA3_ANITA_TEMPLATE = (
     "{% if not messages or messages[0]['role'] != 'system' %}"
     "{% set messages = [{'role': 'system', 'content': default_system}] + messages %}{% endif %}"
     + LLAMA3_MULTIMODAL_TEMPLATE
+)
+LLAMA3_ANITA_SCRIPT_TEMPLATE = (
+    "{{ bos_token + ' ' }}{% for message in messages %}"
+    + _FLATTEN_CONTENT
+    + "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + text | trim + ' <|eot_id|> ' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% else %}{{ '<|end_of_text|>' }}{% endif %}"
 )
 
 TEMPLATES: dict[str, Template] = {
@@ -260,7 +312,7 @@ TEMPLATES: dict[str, Template] = {
     ),
     "llama2-it-chat": Template(
         name="llama2-it-chat",
-        description="LLaMAntino-2 chat: LLaMA-2 [INST] <<SYS>> with the Italian system prompt",
+        description="LLaMAntino-2 chat, as its model cards write it: [INST]<<SYS>> with the Italian system prompt",
         render=_llama2_render,
         generation_prompt=_llama2_generation_prompt,
         chat_template=LLAMA2_IT_CHAT_TEMPLATE,
@@ -269,7 +321,10 @@ TEMPLATES: dict[str, Template] = {
     ),
     "alpaca-it": Template(
         name="alpaca-it",
-        description="LLaMAntino-2 instruction models: ### Istruzione: / ### Input: / ### Risposta:",
+        description=(
+            "LLaMAntino-2 instruction models: Italian Alpaca preamble (with or without input), "
+            "### Istruzione: / ### Input: / ### Risposta:"
+        ),
         render=_alpaca_render,
         generation_prompt=_alpaca_generation_prompt,
         chat_template=ALPACA_IT_TEMPLATE,
@@ -284,7 +339,22 @@ TEMPLATES: dict[str, Template] = {
         chat_template=LLAMA3_ANITA_TEMPLATE,
         stop_token=EOT,
     ),
+    "llama3-anita-script": Template(
+        name="llama3-anita-script",
+        description=(
+            "LLaMAntino-3-ANITA's public SFT script: LLaMA-3 chat with ' <|eot_id|> ' spacing and a final "
+            "<|end_of_text|>, no system prompt unless the sample has one"
+        ),
+        render=_anita_script_render,
+        generation_prompt=_anita_script_generation_prompt,
+        chat_template=LLAMA3_ANITA_SCRIPT_TEMPLATE,
+        stop_token=EOT,
+    ),
 }
+
+TRAIN_ON = ("assistant", "all")
+"""Which tokens of a rendered sft sample carry loss: the template's trained segments (the answers), or
+every token of the rendered text (padding aside), as trainers that train on a plain text field do."""
 
 
 def get_template(name: str) -> Template:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llava_ndino.data.dataset import EncodedDataset, JsonRecords, Skipped
+from llava_ndino.data.dataset import Collator, EncodedDataset, JsonRecords, Skipped
 from llava_ndino.data.encode import IGNORE_INDEX
 from llava_ndino.data.packing import model_inputs
 from llava_ndino.data.text import (
@@ -23,30 +23,14 @@ from llava_ndino.data.text import (
 )
 from llava_ndino.formats.prompts import get_template
 from llava_ndino.model.peft_setup import prepare_tokenizer
-
-NEW_TEMPLATES = ("llama2-it-chat", "alpaca-it", "llama3-anita")
-CHAT = [
-    {"role": "system", "content": "Sei un esperto di diritto."},
-    {"role": "user", "content": "Che cos'è un decreto?"},
-    {"role": "assistant", "content": "Un atto del governo."},
-    {"role": "user", "content": "E una legge?"},
-    {"role": "assistant", "content": "Un atto del parlamento."},
-]
+from tests.helpers import LEGAL_CHAT, TEXT_TEMPLATES
 
 
-@pytest.fixture(scope="module")
-def tokenizers(tiny_dirs) -> dict:
-    """The tiny LLaMA-3-style tokenizer prepared for each template."""
-    return {
-        name: prepare_tokenizer(tiny_dirs["llm"], get_template(name)) for name in (*NEW_TEMPLATES, "llama3")
-    }
-
-
-@pytest.mark.parametrize("name", NEW_TEMPLATES)
-def test_sft_labels_are_exactly_the_answers_and_stop_token(tokenizers, name: str) -> None:
-    tokenizer = tokenizers[name]
+@pytest.mark.parametrize("name", TEXT_TEMPLATES)
+def test_sft_labels_are_exactly_the_answers_and_stop_token(text_tokenizers, name: str) -> None:
+    tokenizer = text_tokenizers[name]
     encoder = SftEncoder(tokenizer, get_template(name), max_length=1024)
-    sample = encoder.encode({"messages": CHAT}, 0)
+    sample = encoder.encode({"messages": LEGAL_CHAT}, 0)
     labelled = sample.labels[sample.labels != IGNORE_INDEX]
     text = tokenizer.decode(labelled)
     stop = get_template(name).stop_token
@@ -55,7 +39,7 @@ def test_sft_labels_are_exactly_the_answers_and_stop_token(tokenizers, name: str
     assert text.replace(stop, "|").split("|") == expected
 
 
-def test_instruction_rows_become_messages_and_bad_rows_are_skipped(tokenizers, tmp_path: Path) -> None:
+def test_instruction_rows_become_messages_and_bad_rows_are_skipped(text_tokenizers, tmp_path: Path) -> None:
     conversation = text_conversation(
         {"instruction": "Riassumi.", "input": "Testo lungo", "output": "Breve"}, 3
     )
@@ -72,15 +56,64 @@ def test_instruction_rows_become_messages_and_bad_rows_are_skipped(tokenizers, t
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     dataset = EncodedDataset(
-        JsonRecords(path), SftEncoder(tokenizers["alpaca-it"], get_template("alpaca-it"), 512)
+        JsonRecords(path), SftEncoder(text_tokenizers["alpaca-it"], get_template("alpaca-it"), 512)
     )
     items = [dataset[i] for i in range(len(rows))]
     assert not isinstance(items[0], Skipped)
     assert [i.reason for i in items[1:]] == ["malformed", "no_assistant", "no_assistant", "malformed"]
 
 
-def test_preference_rows_as_strings_and_as_conversations_encode_alike(tokenizers) -> None:
-    tokenizer = tokenizers["llama3"]
+@pytest.fixture(scope="module")
+def script_tokenizer(tiny_dirs):
+    """The tiny LLaMA-3-style tokenizer prepared for llama3-anita-script."""
+    return prepare_tokenizer(tiny_dirs["llm"], get_template("llama3-anita-script"))
+
+
+def test_anita_script_template_labels_the_answers_and_their_eot(script_tokenizer) -> None:
+    encoder = SftEncoder(script_tokenizer, get_template("llama3-anita-script"), max_length=1024)
+    sample = encoder.encode({"messages": LEGAL_CHAT}, 0)
+    text = script_tokenizer.decode(sample.labels[sample.labels != IGNORE_INDEX])
+    assert text == "Un atto del governo. <|eot_id|>Un atto del parlamento. <|eot_id|>"
+
+
+@pytest.mark.parametrize("name", [*TEXT_TEMPLATES, "llama3-anita-script"])
+def test_train_on_all_labels_every_token_of_the_rendered_text(
+    text_tokenizers, script_tokenizer, name
+) -> None:
+    """data.train_on=all: what marcopoli/LLaMAntino-3-ANITA finetune_llama3.py trains (SFTTrainer on a
+    plain "text" field, no completion-only collator): every token, the prompt and its markers included."""
+    tokenizer = script_tokenizer if name == "llama3-anita-script" else text_tokenizers[name]
+    template = get_template(name)
+    row = {"instruction": "Riassumi.", "input": "Un testo lungo.", "output": "Breve."}
+    sample = SftEncoder(tokenizer, template, max_length=1024, train_on="all").encode(row, 0)
+    assert sample.labels.tolist() == sample.input_ids.tolist()
+    rendered = "".join(s.text for s in template.render(text_conversation(row, 0).messages))
+    assert sample.input_ids.tolist() == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    answer_only = SftEncoder(tokenizer, template, max_length=1024).encode(row, 0)
+    assert answer_only.input_ids.tolist() == sample.input_ids.tolist()
+    assert 0 < int((answer_only.labels != IGNORE_INDEX).sum()) < len(sample.labels)
+
+
+def test_train_on_all_is_cut_to_max_length_and_padding_carries_no_loss(text_tokenizers) -> None:
+    tokenizer, template = text_tokenizers["llama3"], get_template("llama3")
+    row = {"instruction": "Ciao", "output": "Ciao"}
+    limit = len(SftEncoder(tokenizer, template, 1024, train_on="all").encode(row, 0).input_ids) + 4
+    encoder = SftEncoder(tokenizer, template, max_length=limit, train_on="all")
+    short, long = encoder.encode(row, 0), encoder.encode({"messages": LEGAL_CHAT}, 1)
+    assert len(long.input_ids) == limit and (long.labels == long.input_ids).all()
+    batch = Collator(tokenizer.pad_token_id)([short, long]).tensors
+    padded = batch["attention_mask"] == 0
+    assert int(padded.sum()) == 4 and (batch["labels"][padded] == IGNORE_INDEX).all()
+    assert (batch["labels"][~padded] != IGNORE_INDEX).all()
+
+
+def test_train_on_rejects_unknown_values(text_tokenizers) -> None:
+    with pytest.raises(ValueError, match="assistant, all"):
+        SftEncoder(text_tokenizers["llama3"], get_template("llama3"), 64, train_on="prompt")
+
+
+def test_preference_rows_as_strings_and_as_conversations_encode_alike(text_tokenizers) -> None:
+    tokenizer = text_tokenizers["llama3"]
     encoder = PreferenceEncoder(tokenizer, get_template("llama3"), max_length=256, max_prompt_length=64)
     user = {"role": "user", "content": "Scrivi una frase."}
     as_strings = encoder.encode({"prompt": "Scrivi una frase.", "chosen": "Sì.", "rejected": "No."}, 0)
@@ -105,8 +138,8 @@ def test_preference_rows_as_strings_and_as_conversations_encode_alike(tokenizers
         encoder.encode(mismatch, 2)
 
 
-def test_long_prompts_keep_their_last_tokens(tokenizers) -> None:
-    tokenizer = tokenizers["llama3"]
+def test_long_prompts_keep_their_last_tokens(text_tokenizers) -> None:
+    tokenizer = text_tokenizers["llama3"]
     encoder = PreferenceEncoder(tokenizer, get_template("llama3"), max_length=40, max_prompt_length=8)
     pair = encoder.encode({"prompt": "parola " * 100, "chosen": "Sì.", "rejected": "No."}, 0)
     first_answer = int((pair.chosen.labels != IGNORE_INDEX).nonzero()[0])
@@ -118,8 +151,8 @@ def _packed(tokenizer, texts: list, block: int) -> PackedText:
     return PackedText([{"text": t} if isinstance(t, str) else t for t in texts], tokenizer, block)
 
 
-def test_packing_joins_documents_with_eos_and_lists_bad_rows(tokenizers) -> None:
-    tokenizer = tokenizers["llama3"]
+def test_packing_joins_documents_with_eos_and_lists_bad_rows(text_tokenizers) -> None:
+    tokenizer = text_tokenizers["llama3"]
     texts = ["Il gatto dorme.", {"id": "vuoto", "text": "  "}, "La casa è grande.", "Roma è bella."]
     packed = _packed(tokenizer, texts, block=8)
     stream = packed.tokens.tolist()
@@ -134,9 +167,9 @@ def test_packing_joins_documents_with_eos_and_lists_bad_rows(tokenizers) -> None
         _packed(tokenizer, ["corto"], block=512)
 
 
-def test_isolated_packing_equals_separate_documents(tiny_dirs, tokenizers) -> None:
+def test_isolated_packing_equals_separate_documents(tiny_dirs, text_tokenizers) -> None:
     """With isolation, each document in a packed block gets the logits it gets alone."""
-    tokenizer = tokenizers["llama3"]
+    tokenizer = text_tokenizers["llama3"]
     docs = ["Il gatto dorme sul divano.", "La pizza di Napoli è buona.", "Il treno parte alle otto."]
     lengths = [len(tokenizer(d, add_special_tokens=False)["input_ids"]) + 2 for d in docs]
     packed = _packed(tokenizer, docs, block=sum(lengths))

@@ -10,7 +10,6 @@ from transformers import AutoProcessor, AutoTokenizer
 
 from llava_ndino.data.encode import ConversationEncoder
 from llava_ndino.formats.prompts import (
-    ALPACA_IT_PREAMBLE,
     ANITA_SYSTEM_PROMPT,
     LLAMA3_MULTIMODAL_TEMPLATE,
     LLAMANTINO2_SYSTEM_PROMPT,
@@ -20,6 +19,7 @@ from llava_ndino.formats.prompts import (
     llava_chat_template,
 )
 from llava_ndino.model.peft_setup import prepare_tokenizer
+from tests.helpers import LEGAL_CHAT, TEXT_TEMPLATES
 
 CONVERSATIONS = {
     "one-turn": [
@@ -151,22 +151,17 @@ def test_encoder_tokenization_equals_whole_string_with_images(processor):
 
 
 def test_unknown_template_lists_known():
-    with pytest.raises(KeyError, match="alpaca-it, llama2-it-chat, llama3, llama3-anita, plain"):
+    with pytest.raises(
+        KeyError, match="alpaca-it, llama2-it-chat, llama3, llama3-anita, llama3-anita-script, plain"
+    ):
         get_template("chatml")
 
 
 # --- the Italian text templates against their own Jinja chat templates ----------------------------
 
-TEXT_TEMPLATES = ("llama2-it-chat", "alpaca-it", "llama3-anita")
 TEXT_CONVERSATIONS = [
     [{"role": "user", "content": "Ciao, come stai?"}, {"role": "assistant", "content": " Bene, grazie! "}],
-    [
-        {"role": "system", "content": "Sei un esperto di diritto."},
-        {"role": "user", "content": "Che cos'è un decreto?"},
-        {"role": "assistant", "content": "Un atto del governo."},
-        {"role": "user", "content": "E una legge?"},
-        {"role": "assistant", "content": "Un atto del parlamento."},
-    ],
+    LEGAL_CHAT,
     [
         {"role": "user", "content": "Traduci in inglese."},
         {"role": "user", "content": "Buongiorno"},
@@ -175,17 +170,26 @@ TEXT_CONVERSATIONS = [
 ]
 
 
+ALL_TEXT_TEMPLATES = (*TEXT_TEMPLATES, "llama3-anita-script")
+
+
 @pytest.fixture(scope="module")
-def text_tokenizers(tiny_dirs) -> dict:
-    """The tiny LLaMA-3-style tokenizer prepared for each text template (its tokens and Jinja template)."""
-    return {name: prepare_tokenizer(tiny_dirs["llm"], get_template(name)) for name in TEXT_TEMPLATES}
+def script_tokenizer(tiny_dirs):
+    """The tiny LLaMA-3-style tokenizer prepared for llama3-anita-script."""
+    return prepare_tokenizer(tiny_dirs["llm"], get_template("llama3-anita-script"))
 
 
-@pytest.mark.parametrize("name", TEXT_TEMPLATES)
+def _prepared(text_tokenizers, script_tokenizer, name: str):
+    return script_tokenizer if name == "llama3-anita-script" else text_tokenizers[name]
+
+
+@pytest.mark.parametrize("name", ALL_TEXT_TEMPLATES)
 @pytest.mark.parametrize("conversation", range(len(TEXT_CONVERSATIONS)))
-def test_template_matches_its_chat_template(text_tokenizers, name: str, conversation: int) -> None:
+def test_template_matches_its_chat_template(
+    text_tokenizers, script_tokenizer, name: str, conversation: int
+) -> None:
     messages = TEXT_CONVERSATIONS[conversation]
-    tokenizer = text_tokenizers[name]
+    tokenizer = _prepared(text_tokenizers, script_tokenizer, name)
     assert tokenizer.apply_chat_template(messages, tokenize=False) == render(name, messages)
     template = get_template(name)
     prompt = [Message(m["role"], m["content"]) for m in messages[:-1]]
@@ -193,21 +197,169 @@ def test_template_matches_its_chat_template(text_tokenizers, name: str, conversa
     assert template.generation_prompt(prompt) == expected
 
 
+# --- the text templates against the strings their public sources publish --------------------------
+# Each expectation is written out from the source named next to it, not from this project's constants.
+
+# swap-uniba/LLaMAntino-2-chat-13b-hf-UltraChat-ITA and -chat-7b-hf-UltraChat-ITA model cards, "Prompt
+# Format" (the same text as marcopoli/LLaMAntino-2-ITA README.md, "Chat Version"): the system prompt ...
+CARD_LLAMA2_SYSTEM = (
+    "Sei un assistente disponibile, rispettoso e onesto. "
+    "Rispondi sempre nel modo piu' utile possibile, pur essendo sicuro. "
+    "Le risposte non devono includere contenuti dannosi, non etici, razzisti, sessisti, tossici, pericolosi o illegali. "
+    "Assicurati che le tue risposte siano socialmente imparziali e positive. "
+    "Se una domanda non ha senso o non e' coerente con i fatti, spiegane il motivo invece di rispondere in modo non corretto. "
+    "Se non conosci la risposta a una domanda, non condividere informazioni false."
+)
+# ... and the conversation: " [INST]<<SYS>>\n" + system + "\n<</SYS>>\n\n" +
+# f"{user_msg_1}[/INST] {model_answer_1} </s> <s> [INST]{user_msg_2}[/INST] {model_answer_2} </s> ..."
+# The card's string starts at " [INST]": its note 2 says the tokenizer adds the BOS, else prepend "<s>";
+# the text pipeline tokenizes without special tokens, so the template writes that "<s>".
+CARD_LLAMA2_CHAT = (
+    "<s> [INST]<<SYS>>\n{system}\n<</SYS>>\n\n{u1}[/INST] {a1} </s> <s> [INST]{u2}[/INST] {a2} </s>"
+)
+
+# swap-uniba/LLaMAntino-2-7b-hf-dolly-ITA model card (and marcopoli/LLaMAntino-2-ITA README.md,
+# "Fine-Tuned Version"): the format used for fine-tuning, with an input ...
+CARD_ALPACA_WITH_INPUT = (
+    "Di seguito è riportata un'istruzione che descrive un'attività, abbinata ad un input che fornisce ulteriore informazione. "
+    "Scrivi una risposta che soddisfi adeguatamente la richiesta.\n\n"
+    "### Istruzione:\n{instruction}\n\n### Input:\n{input}\n\n### Risposta:\n{response}"
+)
+# ... and "If no input was present in the instruction":
+CARD_ALPACA_NO_INPUT = (
+    "Di seguito è riportata un'istruzione che descrive un'attività. "
+    "Scrivi una risposta che soddisfi adeguatamente la richiesta.\n\n"
+    "### Istruzione:\n{instruction}\n\n### Risposta:\n{response}"
+)
+
+# marcopoli/LLaMAntino-3-ANITA model_adaptation/finetune_llama3.py, formatting_prompts_func: Meta's
+# LLaMA-3 chat template (no generation prompt) + "<|end_of_text|>", then every "<|eot_id|>" replaced by
+# " <|eot_id|> " and "<|begin_of_text|>" by "<|begin_of_text|> ". For a one-turn UltraChat row:
+SCRIPT_ANITA_ONE_TURN = (
+    "<|begin_of_text|> <|start_header_id|>user<|end_header_id|>\n\n{u} <|eot_id|> "
+    "<|start_header_id|>assistant<|end_header_id|>\n\n{a} <|eot_id|> <|end_of_text|>"
+)
+
+
+def test_llama2_it_chat_is_the_model_cards_string() -> None:
+    chat = [
+        {"role": "user", "content": "Ciao, come stai?"},
+        {"role": "assistant", "content": "Bene, grazie!"},
+        {"role": "user", "content": "Che ore sono?"},
+        {"role": "assistant", "content": "Non lo so."},
+    ]
+    expected = CARD_LLAMA2_CHAT.format(
+        system=CARD_LLAMA2_SYSTEM,
+        u1="Ciao, come stai?",
+        a1="Bene, grazie!",
+        u2="Che ore sono?",
+        a2="Non lo so.",
+    )
+    assert render("llama2-it-chat", chat) == expected
+    # the card's inference prompt: the first turn up to "[/INST]"
+    prompt = get_template("llama2-it-chat").generation_prompt([Message("user", "Ciao, come stai?")])
+    assert prompt == f"<s> [INST]<<SYS>>\n{CARD_LLAMA2_SYSTEM}\n<</SYS>>\n\nCiao, come stai?[/INST]"
+    assert LLAMANTINO2_SYSTEM_PROMPT == CARD_LLAMA2_SYSTEM
+
+
+def test_llama2_it_chat_jinja_is_the_model_cards_string(text_tokenizers) -> None:
+    one = TEXT_CONVERSATIONS[0]
+    expected = (
+        f"<s> [INST]<<SYS>>\n{CARD_LLAMA2_SYSTEM}\n<</SYS>>\n\nCiao, come stai?[/INST] Bene, grazie! </s>"
+    )
+    assert text_tokenizers["llama2-it-chat"].apply_chat_template(one, tokenize=False) == expected
+
+
+@pytest.mark.parametrize("how", ["render", "jinja"])
+def test_alpaca_it_uses_the_cards_preamble_with_and_without_input(text_tokenizers, how: str) -> None:
+    def text(messages: list[dict]) -> str:
+        if how == "render":
+            return render("alpaca-it", messages)
+        return text_tokenizers["alpaca-it"].apply_chat_template(messages, tokenize=False)
+
+    with_input = TEXT_CONVERSATIONS[2]
+    assert (
+        text(with_input)
+        == "<s>"
+        + CARD_ALPACA_WITH_INPUT.format(
+            instruction="Traduci in inglese.", input="Buongiorno", response="Good morning"
+        )
+        + "</s>"
+    )
+    no_input = [
+        {"role": "user", "content": "Traduci in inglese: ciao."},
+        {"role": "assistant", "content": "Hi."},
+    ]
+    assert (
+        text(no_input)
+        == "<s>"
+        + CARD_ALPACA_NO_INPUT.format(instruction="Traduci in inglese: ciao.", response="Hi.")
+        + "</s>"
+    )
+
+
+def test_alpaca_it_generation_prompt_follows_the_input(text_tokenizers) -> None:
+    template = get_template("alpaca-it")
+    no_input = template.generation_prompt([Message("user", "Scrivi una poesia.")])
+    assert no_input == "<s>" + CARD_ALPACA_NO_INPUT.format(instruction="Scrivi una poesia.", response="")
+    with_input = template.generation_prompt([Message("user", "Riassumi."), Message("user", "Testo")])
+    assert with_input == "<s>" + CARD_ALPACA_WITH_INPUT.format(
+        instruction="Riassumi.", input="Testo", response=""
+    )
+
+
+def test_anita_script_template_is_the_scripts_string() -> None:
+    one = [{"role": "user", "content": "Chi è Carlo Magno?"}, {"role": "assistant", "content": "Un re."}]
+    assert render("llama3-anita-script", one) == SCRIPT_ANITA_ONE_TURN.format(
+        u="Chi è Carlo Magno?", a="Un re."
+    )
+    two = render("llama3-anita-script", LEGAL_CHAT)
+    assert two == (
+        "<|begin_of_text|> <|start_header_id|>system<|end_header_id|>\n\nSei un esperto di diritto. <|eot_id|> "
+        "<|start_header_id|>user<|end_header_id|>\n\nChe cos'è un decreto? <|eot_id|> "
+        "<|start_header_id|>assistant<|end_header_id|>\n\nUn atto del governo. <|eot_id|> "
+        "<|start_header_id|>user<|end_header_id|>\n\nE una legge? <|eot_id|> "
+        "<|start_header_id|>assistant<|end_header_id|>\n\nUn atto del parlamento. <|eot_id|> <|end_of_text|>"
+    )
+
+
+def test_anita_script_equals_meta_template_rewritten_as_the_script_does(tokenizer) -> None:
+    """finetune_llama3.py's formatting_prompts_func, redone here on the tiny tokenizer's Meta template."""
+    for messages in [*CONVERSATIONS.values(), *TEXT_CONVERSATIONS]:
+        meta = tokenizer.apply_chat_template(messages, tokenize=False) + "<|end_of_text|>"
+        script = meta.replace("<|eot_id|>", " <|eot_id|> ").replace("<|begin_of_text|>", "<|begin_of_text|> ")
+        assert render("llama3-anita-script", messages) == script
+
+
 def test_templates_use_their_italian_prompts_and_markers() -> None:
     one = TEXT_CONVERSATIONS[0]
+    # the LLaMAntino-2 chat cards' spacing (see CARD_LLAMA2_CHAT), not Meta's "<s>[INST] <<SYS>> ... [/INST]"
     llama2 = render("llama2-it-chat", one)
     assert (
         llama2
-        == f"<s>[INST] <<SYS>>\n{LLAMANTINO2_SYSTEM_PROMPT}\n<</SYS>>\n\nCiao, come stai? [/INST] Bene, grazie! </s>"
+        == f"<s> [INST]<<SYS>>\n{CARD_LLAMA2_SYSTEM}\n<</SYS>>\n\nCiao, come stai?[/INST] Bene, grazie! </s>"
     )
     alpaca = render("alpaca-it", TEXT_CONVERSATIONS[2])
-    assert alpaca == (
-        f"<s>{ALPACA_IT_PREAMBLE}\n\n### Istruzione:\nTraduci in inglese.\n\n### Input:\nBuongiorno"
-        "\n\n### Risposta:\nGood morning</s>"
+    assert (
+        alpaca
+        == "<s>"
+        + CARD_ALPACA_WITH_INPUT.format(
+            instruction="Traduci in inglese.", input="Buongiorno", response="Good morning"
+        )
+        + "</s>"
     )
+    # LLaMAntino-3-ANITA-8B-Inst-DPO-ITA model card / marcopoli/LLaMAntino-3-ANITA README.md: the system prompt
+    card_anita_system = (
+        "Sei un an assistente AI per la lingua Italiana di nome LLaMAntino-3 ANITA "
+        "(Advanced Natural-based interaction for the ITAlian language). "
+        "Rispondi nella lingua usata per la domanda in modo chiaro, semplice ed esaustivo."
+    )
+    assert card_anita_system == ANITA_SYSTEM_PROMPT
     anita = render("llama3-anita", one)
     assert anita.startswith(
-        f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{ANITA_SYSTEM_PROMPT}"
+        f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{card_anita_system}"
     )
     assert render("llama3-anita", TEXT_CONVERSATIONS[1]).count("Sei un esperto di diritto.") == 1
     assert ANITA_SYSTEM_PROMPT not in render("llama3-anita", TEXT_CONVERSATIONS[1])
+    # the script variant adds no system prompt (finetune_llama3.py renders the rows' messages only)
+    assert "<|start_header_id|>system" not in render("llama3-anita-script", one)
