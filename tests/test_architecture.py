@@ -26,6 +26,7 @@ FLOORS: dict[str, int] = {
     "demo": 6,
     "plan": 6,
     "prep": 6,
+    "chain": 6,
     "cli": 7,
 }
 """Room (first component under ``llava_ndino``) -> floor; a module imports only its floor or lower."""
@@ -33,6 +34,7 @@ FLOORS: dict[str, int] = {
 APP_TRAIN_IMPORTS: dict[str, set[str]] = {
     "demo": {"train.loop", "train.data_factory"},  # the demo trains, then reads its eval split
     "plan": {"train.engine", "train.losses"},  # the planner models the engines' and the loss's memory
+    "chain": {"train.loop"},  # the chain trains each stage; models load through model/ inside the loop
 }
 """The only ``train/`` modules an app may import; model building and loading come from ``model/``."""
 

@@ -117,6 +117,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chain(args: argparse.Namespace) -> int:
+    from llava_ndino.chain import run_chain
+
+    return run_chain(args.name, Path(args.runs_dir), args.overrides, args.dry_run, args.launcher)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from llava_ndino.demo.run import run_demo
 

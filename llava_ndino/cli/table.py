@@ -8,9 +8,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from llava_ndino.chain import CHAINS, describe_chains
 from llava_ndino.cli.handlers import (
     cmd_ask,
     cmd_assemble,
+    cmd_chain,
     cmd_data_list,
     cmd_data_shard,
     cmd_data_translate,
@@ -111,8 +113,59 @@ host RAM per node for the offload engines, the global batch, and the engine to u
 counts come from the model folders' config.json files, else from the ndino-8b preset (said so)."""
 
 
+CHAIN_DESCRIPTION = """Train a released LLaVA-NDiNO combination stage by stage: each stage's recipe into
+RUNS_DIR/<run>, with init_from=RUNS_DIR/<previous run>. A stage whose latest checkpoint reached its
+train.max_steps is skipped, one that stopped early resumes, so running the chain again continues it
+and runs that several releases share (align, pt, short_it, pt_short_it) are trained once.
+KEY=VALUE overrides apply to every stage (not recipe, output_dir or init_from)."""
+
+
+CHAIN_NAME = arg("name", choices=CHAINS, metavar="NAME", help=f"the release: {', '.join(CHAINS)}")
+CHAIN_OPTIONS = (
+    arg("--runs-dir", default="runs", help="folder of the stages' run directories (default runs)"),
+    arg(
+        "--dry-run",
+        action="store_true",
+        help="print each stage's command, output_dir and init_from; run nothing",
+    ),
+    arg(
+        "--launcher",
+        metavar="CMD",
+        help='run each stage as CMD ARGS... in a new process, e.g. "torchrun --nproc-per-node 4 launch/train.py" '
+        "(default: ndino train, in this process)",
+    ),
+)
+CHAIN_OVERRIDES = arg("overrides", nargs="*", metavar="KEY=VALUE", help="overrides applied to every stage")
+CHAIN_TAIL = {"metavar": "NAME [KEY=VALUE ...]", "help": f"the release ({', '.join(CHAINS)}), then overrides"}
+
+
+class ChainArguments(argparse.Action):
+    """Reads NAME, the options and the KEY=VALUE overrides after NAME in any order: plain argparse refuses
+    overrides that follow an option (``ndino chain pt --runs-dir r train.lr=2e-5``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        inner = argparse.ArgumentParser(prog=parser.prog)
+        for item in (CHAIN_NAME, *CHAIN_OPTIONS, CHAIN_OVERRIDES):
+            inner.add_argument(*item.flags, **item.options)
+        inner.set_defaults(
+            **{k: v for k, v in vars(namespace).items() if k in ("runs_dir", "dry_run", "launcher")}
+        )
+        for key, value in vars(inner.parse_intermixed_args(values)).items():
+            setattr(namespace, key, value)
+
+
+def _chain_epilog() -> str:
+    return (
+        "chains (run [recipe]; each run's folder is RUNS_DIR/run):\n"
+        + describe_chains()
+        + "\n\nexamples:\n  ndino chain pt_short_long --dry-run\n"
+        "  ndino chain short_long --runs-dir /scratch/runs\n"
+        '  ndino chain pt --launcher "torchrun --nproc-per-node 4 launch/train.py"'
+    )
+
+
 def _data_commands() -> tuple[Command, ...]:
-    """The ``ndino data`` subcommands."""
+    """The ``ndino data`` subcommands that read data sets: list, validate."""
     return (
         Command(
             "list",
@@ -145,6 +198,12 @@ def _data_commands() -> tuple[Command, ...]:
                 arg("--decode", action="store_true", help="decode every image fully (finds truncated files)"),
             ),
         ),
+    )
+
+
+def _data_write_commands() -> tuple[Command, ...]:
+    """The ``ndino data`` subcommands that write data sets: shard, translate."""
+    return (
         Command(
             "shard",
             "write webdataset tar shards (image bytes + JSON conversation) with an index and checksums",
@@ -218,6 +277,17 @@ def _run_commands() -> tuple[Command, ...]:
             epilog="example: ndino train recipe=demo train.max_steps=50 output_dir=runs/try\n\nkeys:\n"
             + describe_config(),
             args=(OVERRIDES,),
+        ),
+        Command(
+            "chain",
+            "train a released LLaVA-NDiNO chain (e.g. pt_short_long) stage by stage, skipping finished stages",
+            cmd_chain,
+            description=CHAIN_DESCRIPTION,
+            epilog=_chain_epilog(),
+            args=(
+                *CHAIN_OPTIONS,
+                arg("chain", nargs=argparse.REMAINDER, action=ChainArguments, **CHAIN_TAIL),
+            ),
         ),
         Command(
             "demo",
@@ -399,6 +469,6 @@ def commands() -> tuple[Command, ...]:
             "data sets: list manifests, validate, write webdataset shards, translate to Italian",
             description="Data at scale: manifests and stage mixtures (data_manifests/), validation before "
             "training, webdataset shards for streaming, and machine translation of LLaVA conversations.",
-            children=_data_commands(),
+            children=(*_data_commands(), *_data_write_commands()),
         ),
     )

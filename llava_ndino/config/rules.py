@@ -21,7 +21,7 @@ from llava_ndino.config.schema import (
     TinyConfig,
     TrainConfig,
 )
-from llava_ndino.formats.prompts import TEMPLATES
+from llava_ndino.formats.prompts import TEMPLATES, TRAIN_ON
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.source": ("components", "llava", "tiny", "causal_lm"),
@@ -29,6 +29,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": DTYPES,
     "model.attn_implementation": ATTENTION,
     "data.template": tuple(TEMPLATES),
+    "data.train_on": TRAIN_ON,
     "engine": ENGINES,
     "data.synthetic.kind": ("shapes",),
     "train.schedule": ("cosine", "linear", "constant"),
@@ -42,6 +43,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 RANGES: dict[str, str] = {
     "train.max_steps": "[1, inf)",
+    "train.epochs": "(0, inf)",
     "train.per_device_batch_size": "[1, inf)",
     "train.grad_accum": "[1, inf)",
     "train.global_batch_size": "[0, inf)",
@@ -186,6 +188,21 @@ def _check_conflicts(cfg: RunConfig, user_keys: frozenset[str]) -> None:
         )
 
 
+def _check_steps(cfg: RunConfig) -> None:
+    """The run's length comes from exactly one of train.max_steps and train.epochs."""
+    steps, epochs = cfg.train.max_steps, cfg.train.epochs
+    if steps is None and epochs is None:
+        raise RecipeError(
+            "missing required value(s): add train.max_steps=... (optimizer steps) or train.epochs=... "
+            "(passes over the data) to the command line or set one of them in the recipe"
+        )
+    if steps is not None and epochs is not None:
+        raise RecipeError(
+            f"train.max_steps={steps} and train.epochs={epochs} are both set: the run's length comes from one "
+            "of them; set the other to null (e.g. train.epochs=null train.max_steps=100)"
+        )
+
+
 def validate(cfg: RunConfig, user_keys: frozenset[str] = frozenset()) -> None:
     """Check enumerated values and numeric bounds, raising :class:`RecipeError` on the first violation."""
     for key, allowed in CHOICES.items():
@@ -200,6 +217,7 @@ def validate(cfg: RunConfig, user_keys: frozenset[str] = frozenset()) -> None:
             f"model.tiny.patch_size={tiny.patch_size} must divide model.tiny.tile_size="
             f"{tiny.tile_size}: pick a patch side such as 14 or 28 for 112 px tiles"
         )
+    _check_steps(cfg)
     _check_conflicts(cfg, user_keys)
     if cfg.init_from and cfg.objective != "vlm_sft":
         raise RecipeError(

@@ -82,6 +82,8 @@ class DataConfig:
     """Folder that the image paths in the data are relative to."""
     template: str = "llama3"
     """Chat template that turns conversations into tokens."""
+    train_on: str = "assistant"
+    """sft: tokens that carry loss: assistant (the answers and their stop token, as the template marks them) or all (every token of the rendered text but padding, as LLaMAntino-3-ANITA's SFT script trains)."""
     max_length: int = 2048
     """Maximum sequence length in tokens."""
     num_workers: int = 0
@@ -118,8 +120,10 @@ class DataConfig:
 class TrainConfig:
     """Optimisation, checkpointing and logging."""
 
-    max_steps: int = MISSING
-    """Number of optimizer steps."""
+    max_steps: int | None = None
+    """Number of optimizer steps; set it or train.epochs (exactly one of the two is required)."""
+    epochs: float | None = None
+    """Passes over the training data instead of train.max_steps: max_steps = floor(epochs x samples / global batch), at least 1, computed at start from the data set's size (a shard folder's index.json counts; a streamed mixture sums its folders) and logged."""
     per_device_batch_size: int = 4
     """Samples per device in each micro-batch."""
     grad_accum: int = 1

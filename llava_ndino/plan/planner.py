@@ -370,7 +370,7 @@ def run_plan(tokens: list[str]) -> str:
     """Load the recipe named in ``tokens`` and return the plan (what `ndino plan` prints)."""
     request, recipe_tokens = parse_plan_args(tokens)
     # the planner reads neither; placeholders let recipes that leave them to the command line load
-    cfg = load_config(["output_dir=unused", "train.max_steps=1", *recipe_tokens])
+    cfg = load_config(["output_dir=unused", *recipe_tokens, "train.max_steps=1", "train.epochs=null"])
     return format_plan(cfg, request)
 
 

@@ -173,15 +173,7 @@ def save_checkpoint(
                 _fsync(tmp / fname)
         _write_synced(tmp / TRAINER_STATE_FILE, trainer_json)
         _write_synced(tmp / CONFIG_FILE, config_text)
-        files = sorted(path for path in tmp.rglob("*") if path.is_file())
-        for path in files:  # other ranks' shards too: nothing is marked complete before it is on disk
-            _fsync(path)
-        sizes = {path.relative_to(tmp).as_posix(): path.stat().st_size for path in files}
-        digests = {path.relative_to(tmp).as_posix(): file_sha256(path) for path in files}
-        manifest = {"step": step, "files": sizes, "sha256": digests}
-        _write_synced(tmp / COMPLETE_FILE, json.dumps(manifest))
-        for folder in sorted({path.parent for path in files}, reverse=True):
-            _fsync(folder)
+        _mark_complete(tmp, step)
     except OSError as exc:
         written = folder_bytes(tmp) if tmp.exists() else 0
         shutil.rmtree(tmp, ignore_errors=True)  # give the space back
@@ -197,6 +189,27 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
+    final = _publish(tmp, root, name)
+    _prune(root, keep_last, protect=name)
+    logger.info("saved checkpoint %s", final)
+    return final
+
+
+def _mark_complete(tmp: Path, step: int) -> None:
+    """fsync every file in ``tmp`` (other ranks' shards too), then write ``COMPLETE``: the size and
+    SHA-256 of each. Nothing is marked complete before it is on disk."""
+    files = sorted(path for path in tmp.rglob("*") if path.is_file())
+    for path in files:
+        _fsync(path)
+    sizes = {path.relative_to(tmp).as_posix(): path.stat().st_size for path in files}
+    digests = {path.relative_to(tmp).as_posix(): file_sha256(path) for path in files}
+    _write_synced(tmp / COMPLETE_FILE, json.dumps({"step": step, "files": sizes, "sha256": digests}))
+    for folder in sorted({path.parent for path in files}, reverse=True):
+        _fsync(folder)
+
+
+def _publish(tmp: Path, root: Path, name: str) -> Path:
+    """Rename the complete ``tmp`` to ``root/name`` (moving an existing one aside) and point ``latest`` at it."""
     final = root / name
     if final.exists():
         logger.warning("replacing existing checkpoint %s", final)
@@ -206,8 +219,6 @@ def save_checkpoint(
     _write_synced(root / f"{LATEST_FILE}.tmp", name + "\n")
     os.replace(root / f"{LATEST_FILE}.tmp", root / LATEST_FILE)
     _fsync(root)
-    _prune(root, keep_last, protect=name)
-    logger.info("saved checkpoint %s", final)
     return final
 
 

@@ -6,12 +6,8 @@ Loss is summed over label tokens and divided by the label-token count of the who
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import signal
-import time
-from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,22 +15,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
-from transformers import get_scheduler
 
 from llava_ndino.config import RunConfig, config_to_yaml, save_resolved_config
 from llava_ndino.data.dataset import Batch
 from llava_ndino.formats.run_dir import (
-    CHECKPOINTS_DIR,
-    CONFIG_FILE,
-    SKIPPED_FILE,
     TRAIN_LOG_FILE,
-    CheckpointError,
-    complete_checkpoints,
-    read_trainer_state,
     resolve_resume,
 )
 from llava_ndino.train.checkpoint import (
-    check_free_space,
     checkpoint_tmp_dir,
     install_termination_handler,
     load_checkpoint,
@@ -46,22 +34,29 @@ from llava_ndino.train.checkpoint import (
 from llava_ndino.train.engine import (
     ZERO_ENGINES,
     Engine,
-    check_resumable,
     deepspeed_config,
-    engine_name,
     init_distributed,
     make_engine,
     resolve_batch,
 )
-from llava_ndino.train.metrics import MetricsLogger, peak_flops, truncate_jsonl
+from llava_ndino.train.metrics import MetricsLogger, Window
 from llava_ndino.train.optim import make_optimizer
-from llava_ndino.train.resume_rules import check_resume_config, record_changes
+from llava_ndino.train.resume_rules import record_changes
 from llava_ndino.train.run_lock import RunLock
+from llava_ndino.train.setup import (
+    agree_on_free_space,
+    check_start,
+    enable_gradient_checkpointing,
+    ignore_termination_signals,
+    make_scheduler,
+    nonfinite_parameters,
+    resolve_max_steps,
+)
+from llava_ndino.train.skips import SkipTracker
 from llava_ndino.train.tasks.base import Task
 from llava_ndino.train.tasks.registry import make_task
 
 log = logging.getLogger(__name__)
-MIN_SEEN_FOR_SKIP_ABORT = 200
 MAX_EMPTY_BATCHES_IN_A_ROW = 1000
 """Micro-batches without a usable sample after which the run stops, whatever data.max_skip_ratio allows."""
 
@@ -87,58 +82,8 @@ class Run:
     skips: SkipTracker
     run_dir: Path
     accum: int
-
-
-class SkipTracker:
-    """Counts and lists skipped samples; aborts above ``max_ratio`` once enough samples were seen."""
-
-    def __init__(self, run_dir: Path, max_ratio: float, dataset_size: int, enabled: bool):
-        self.path = run_dir / SKIPPED_FILE
-        self.max_ratio, self.enabled = max_ratio, enabled
-        self.min_seen = min(MIN_SEEN_FOR_SKIP_ABORT, dataset_size)
-        self.seen, self.reasons = 0, Counter()
-
-    def update(self, batch: Batch) -> None:
-        """Record one micro-batch (raises RuntimeError above the skip ratio)."""
-        self.seen += batch.num_raw
-        for item in batch.skipped:
-            self.reasons[item.reason] += 1
-            if self.enabled:
-                with self.path.open("a", encoding="utf-8") as handle:
-                    row = {
-                        "id": item.sample_id,
-                        "reason": item.reason,
-                        "message": item.message,
-                        "seen": self.seen,
-                    }
-                    handle.write(json.dumps(row) + "\n")
-                if self.reasons[item.reason] == 1:  # the first of each reason in full; the rest are counted
-                    log.warning(
-                        "skipped %s (further %s skips are counted, and listed in %s)",
-                        item.message,
-                        item.reason,
-                        self.path.name,
-                    )
-        skipped = sum(self.reasons.values())
-        if self.seen >= self.min_seen and skipped > self.max_ratio * self.seen:
-            raise RuntimeError(
-                f"{skipped} of {self.seen} samples were skipped ({dict(self.reasons)}), above "
-                f"data.max_skip_ratio={self.max_ratio}; see {self.path} and fix the data or raise the ratio"
-            )
-
-    def state(self) -> dict:
-        """JSON-able state for checkpoints."""
-        return {"seen": self.seen, "reasons": dict(self.reasons)}
-
-    def load(self, state: dict) -> None:
-        """Restore from :meth:`state`, dropping the rows a later, interrupted attempt wrote."""
-        self.seen, self.reasons = state["seen"], Counter(state["reasons"])
-        self.truncate()
-
-    def truncate(self) -> None:
-        """Keep only the rows of samples seen up to the current position (all of them at a fresh start)."""
-        if self.enabled:
-            truncate_jsonl(self.path, lambda row: row.get("seen", 0) <= self.seen)
+    max_steps: int
+    """train.max_steps, or the step count train.epochs gives for this data set and global batch."""
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -186,7 +131,7 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size
         cfg.train.per_device_batch_size, cfg.train.grad_accum, cfg.train.global_batch_size, world_size
     )
     checkpoint = resolve_resume(cfg.resume, run_dir)
-    changes = _check_start(cfg, run_dir, checkpoint, world_size)  # before anything is built or written
+    changes = check_start(cfg, run_dir, checkpoint, world_size)  # before anything is built or written
     task = make_task(cfg)
     task.build()
     task.prepare_parallel(world_size)
@@ -195,16 +140,19 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size
         save_resolved_config(cfg, run_dir)
         task.save_skeleton(run_dir)
     if cfg.train.gradient_checkpointing:
-        _enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model)
+    dataset = task.dataset("train")
+    max_steps = resolve_max_steps(
+        cfg.train.max_steps, cfg.train.epochs, len(dataset), per_device * accum * world_size
+    )
     optimizer = make_optimizer(cfg.train.optimizer, task.param_groups())
-    scheduler = _make_scheduler(cfg, optimizer)
+    scheduler = make_scheduler(cfg, optimizer, max_steps)
     ds_config = None
     if cfg.engine in ZERO_ENGINES:
         ds_config = deepspeed_config(
             cfg.engine, cfg.train.deepspeed_config, per_device, accum, cfg.train.max_grad_norm
         )
     engine = make_engine(cfg.engine, model, optimizer, device, world_size, ds_config)
-    dataset = task.dataset("train")
     skips = SkipTracker(run_dir, cfg.data.max_skip_ratio, len(dataset), engine.is_main)
 
     step, consumed = 0, 0
@@ -244,77 +192,19 @@ def _train(cfg: RunConfig, run_dir: Path, rank: int, local_rank: int, world_size
         persistent_workers=cfg.data.num_workers > 0,
         # its own generator: starting the loader must not draw from the restored global RNG
         generator=torch.Generator().manual_seed(cfg.seed + rank),
-        worker_init_fn=_ignore_termination_signals,
+        worker_init_fn=ignore_termination_signals,
     )
     if checkpoint is None:
         skips.truncate()  # rows of an attempt that crashed before its first checkpoint
     metrics = MetricsLogger(run_dir, enabled=engine.is_main, start=step)
     termination = install_termination_handler()
     try:
-        run = Run(cfg, task, engine, scheduler, skips, run_dir, accum)
+        run = Run(cfg, task, engine, scheduler, skips, run_dir, accum, max_steps)
         result = _loop(run, iter(loader), metrics, termination, step, consumed)
     finally:
         termination.restore()
         metrics.close()
     return result
-
-
-def _ignore_termination_signals(worker_id: int) -> None:
-    """Loader workers ignore SIGTERM and SIGINT: SLURM signals the whole process group, and the main
-    process must still have its workers while it saves the pre-emption checkpoint; it stops them."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _check_start(cfg: RunConfig, run_dir: Path, checkpoint: Path | None, world_size: int) -> dict:
-    """Refuse a start that would mix two runs or a resume the checkpoint cannot honour; return the
-    config changes a resume applies."""
-    if checkpoint is None:
-        if cfg.resume.strip().lower() in ("none", "") and complete_checkpoints(run_dir / CHECKPOINTS_DIR):
-            raise ValueError(
-                f"resume=none, but {run_dir} already holds a run's checkpoints: starting over there would mix "
-                "two runs' metrics and checkpoints; pick a new output_dir, or move the old run away first"
-            )
-        return {}
-    saved = read_trainer_state(checkpoint)
-    layout = (saved.get("engine"), saved.get("world_size"))
-    check_resumable(checkpoint, layout, (engine_name(cfg.engine, world_size), world_size))
-    old_config = (checkpoint / CONFIG_FILE).read_text(encoding="utf-8")
-    return check_resume_config(checkpoint, old_config, cfg)
-
-
-def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute activations in the backward (non-reentrant checkpoints)."""
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable({"use_reentrant": False})  # transformers >= 5.x renamed it; the old name warns
-
-
-def _make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer):
-    """The learning-rate schedule of ``cfg.train``: linear warmup, then cosine, linear or constant."""
-    return get_scheduler(
-        "constant_with_warmup" if cfg.train.schedule == "constant" else cfg.train.schedule,
-        optimizer,
-        num_warmup_steps=math.ceil(cfg.train.warmup_ratio * cfg.train.max_steps),
-        num_training_steps=cfg.train.max_steps,
-    )
-
-
-def _nonfinite_parameters(model: torch.nn.Module) -> int:
-    """How many of this rank's parameter tensors (its shard, under ZeRO-3) hold a NaN or an Inf."""
-    with torch.no_grad():
-        return sum(int(not torch.isfinite(p).all()) for p in model.parameters() if p.numel())
-
-
-def _agree_on_free_space(engine: Engine, run_dir: Path) -> None:
-    """Rank 0 checks the free space for the next checkpoint; every rank stops together when it is short."""
-    error = None
-    if engine.is_main:
-        try:
-            check_free_space(run_dir)
-        except CheckpointError as exc:
-            error = exc
-    if engine.all_reduce_sum(float(error is not None)):
-        raise error or CheckpointError(f"rank 0 found no space for the next checkpoint in {run_dir}")
 
 
 def _save(run: Run, step: int, consumed: int) -> None:
@@ -323,13 +213,13 @@ def _save(run: Run, step: int, consumed: int) -> None:
     Weights that are not all finite are never saved, so the last checkpoint kept is always usable.
     """
     engine, run_dir = run.engine, run.run_dir
-    bad = engine.all_reduce_sum(float(_nonfinite_parameters(engine.model)))
+    bad = engine.all_reduce_sum(float(nonfinite_parameters(engine.model)))
     if bad:
         raise FloatingPointError(
             f"step {step}: {int(bad)} parameter tensor(s) hold NaN or Inf; not saving them over the last "
             "good checkpoint: resume from it (a lower train.lr usually helps)"
         )
-    _agree_on_free_space(engine, run_dir)
+    agree_on_free_space(engine, run_dir)
     if engine.is_main:
         prepare_checkpoint_dir(run_dir, step)
     engine.barrier()
@@ -351,60 +241,13 @@ def _save(run: Run, step: int, consumed: int) -> None:
                 "skips": run.skips.state(),
                 "engine": engine.name,
                 "world_size": engine.world_size,
+                "max_steps": run.max_steps,
             },
             config_text=config_to_yaml(run.cfg),
             keep_last=run.cfg.train.keep_last,
             prepared=True,
         )
     engine.barrier()
-
-
-class Window:
-    """Sums over the steps since the last log line; each rank keeps its own and they are reduced at log time."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        """Start a new logging window."""
-        self.sums: Counter[str] = Counter(
-            dict.fromkeys(("loss", "targets", "tokens", "padded", "samples", "flops", "logits"), 0)
-        )
-        self.steps = 0
-        self.start = time.perf_counter()
-
-    def add_batch(self, batch: dict[str, torch.Tensor], flops: float, logits: int) -> None:
-        """Count a micro-batch's real tokens, padded size, samples, FLOPs and positions with logits."""
-        mask = batch["attention_mask"]
-        packed = batch.get("position_ids")
-        samples = int((packed == 0).sum()) if packed is not None else mask.shape[0]
-        self.sums.update(
-            tokens=int(mask.sum()), padded=mask.numel(), samples=samples, flops=flops, logits=logits
-        )
-
-    def values(self, engine: Engine) -> dict[str, float]:
-        """Reduced per-second rates, the mean loss per target and the mean of every task statistic."""
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        totals = {key: engine.all_reduce_sum(float(value)) for key, value in sorted(self.sums.items())}
-        targets = max(totals.get("targets", 0.0), 1.0)
-        values = {"loss": round(totals.get("loss", 0.0) / targets, 6)}
-        for key, value in totals.items():
-            if key.startswith("stat/"):
-                values[key[len("stat/") :]] = round(value / targets, 6)
-        values["tokens_per_s"] = round(totals.get("tokens", 0.0) / elapsed, 1)
-        values["samples_per_s"] = round(totals.get("samples", 0.0) / elapsed, 2)
-        values["pad_fraction"] = round(1 - totals.get("tokens", 0.0) / max(totals.get("padded", 0.0), 1.0), 4)
-        values["logit_fraction"] = round(totals.get("logits", 0.0) / max(totals.get("padded", 0.0), 1.0), 4)
-        values["step_s"] = round(elapsed / max(self.steps, 1), 4)
-        values["nonfinite_steps"] = int(totals.get("nonfinite_steps", 0.0) / engine.world_size)
-        peak = peak_flops()
-        values["mfu"] = (
-            round(totals.get("flops", 0.0) / elapsed / (peak * engine.world_size), 4) if peak else None
-        )
-        if engine.device.type == "cuda":
-            values["mem_peak_gib"] = round(torch.cuda.max_memory_allocated(engine.device) / 2**30, 2)
-            values["mem_reserved_gib"] = round(torch.cuda.max_memory_reserved(engine.device) / 2**30, 2)
-        return values
 
 
 def _next_batch(run: Run, batches) -> tuple[Batch, int]:
@@ -455,19 +298,19 @@ def _count_nonfinite(run: Run, step: int, loss: float, grad_norm: float, in_a_ro
 
 def _loop(run: Run, batches, metrics: MetricsLogger, termination, step: int, consumed: int) -> TrainResult:
     cfg, task, engine, scheduler = run.cfg, run.task, run.engine, run.scheduler
-    train_cfg = cfg.train
+    train_cfg, max_steps = cfg.train, run.max_steps
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if engine.device.type == "cuda" else nullcontext()
     window, last_loss, nonfinite = Window(), None, 0
     engine.model.train()
     bar = tqdm(
-        total=train_cfg.max_steps,
+        total=max_steps,
         initial=step,
         desc="train",
         unit="step",
         disable=not engine.is_main,
         dynamic_ncols=True,
     )
-    while step < train_cfg.max_steps:
+    while step < max_steps:
         micro = []
         for _ in range(run.accum):
             batch, raw = _next_batch(run, batches)
@@ -494,7 +337,7 @@ def _loop(run: Run, batches, metrics: MetricsLogger, termination, step: int, con
         nonfinite = _count_nonfinite(run, step, step_loss, grad_norm, nonfinite)
         window.sums["nonfinite_steps"] += nonfinite > 0
         bar.update(1)
-        if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:
+        if step % train_cfg.log_every == 0 or step == max_steps:
             values = {
                 **window.values(engine),
                 "lr": scheduler.get_last_lr()[0],
@@ -509,7 +352,7 @@ def _loop(run: Run, batches, metrics: MetricsLogger, termination, step: int, con
             _save(run, step, consumed)
             bar.close()
             return TrainResult(run.run_dir, step, "preempted", last_loss)
-        if step % train_cfg.save_every == 0 or (step == train_cfg.max_steps and train_cfg.save_last):
+        if step % train_cfg.save_every == 0 or (step == max_steps and train_cfg.save_last):
             _save(run, step, consumed)
     bar.close()
     return TrainResult(run.run_dir, step, "completed", last_loss)

@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from llava_ndino.formats.run_dir import METRICS_FILE
+from llava_ndino.train.engine import Engine
 
 # dense bf16 peak FLOP/s by device-name fragment
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12, "4090": 165e12}
@@ -130,3 +132,51 @@ class MetricsLogger:
         """Flush and close tensorboard."""
         if self.writer is not None:
             self.writer.close()
+
+
+class Window:
+    """Sums over the steps since the last log line; each rank keeps its own and they are reduced at log time."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new logging window."""
+        self.sums: Counter[str] = Counter(
+            dict.fromkeys(("loss", "targets", "tokens", "padded", "samples", "flops", "logits"), 0)
+        )
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def add_batch(self, batch: dict[str, torch.Tensor], flops: float, logits: int) -> None:
+        """Count a micro-batch's real tokens, padded size, samples, FLOPs and positions with logits."""
+        mask = batch["attention_mask"]
+        packed = batch.get("position_ids")
+        samples = int((packed == 0).sum()) if packed is not None else mask.shape[0]
+        self.sums.update(
+            tokens=int(mask.sum()), padded=mask.numel(), samples=samples, flops=flops, logits=logits
+        )
+
+    def values(self, engine: Engine) -> dict[str, float]:
+        """Reduced per-second rates, the mean loss per target and the mean of every task statistic."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        totals = {key: engine.all_reduce_sum(float(value)) for key, value in sorted(self.sums.items())}
+        targets = max(totals.get("targets", 0.0), 1.0)
+        values = {"loss": round(totals.get("loss", 0.0) / targets, 6)}
+        for key, value in totals.items():
+            if key.startswith("stat/"):
+                values[key[len("stat/") :]] = round(value / targets, 6)
+        values["tokens_per_s"] = round(totals.get("tokens", 0.0) / elapsed, 1)
+        values["samples_per_s"] = round(totals.get("samples", 0.0) / elapsed, 2)
+        values["pad_fraction"] = round(1 - totals.get("tokens", 0.0) / max(totals.get("padded", 0.0), 1.0), 4)
+        values["logit_fraction"] = round(totals.get("logits", 0.0) / max(totals.get("padded", 0.0), 1.0), 4)
+        values["step_s"] = round(elapsed / max(self.steps, 1), 4)
+        values["nonfinite_steps"] = int(totals.get("nonfinite_steps", 0.0) / engine.world_size)
+        peak = peak_flops()
+        values["mfu"] = (
+            round(totals.get("flops", 0.0) / elapsed / (peak * engine.world_size), 4) if peak else None
+        )
+        if engine.device.type == "cuda":
+            values["mem_peak_gib"] = round(torch.cuda.max_memory_allocated(engine.device) / 2**30, 2)
+            values["mem_reserved_gib"] = round(torch.cuda.max_memory_reserved(engine.device) / 2**30, 2)
+        return values

@@ -166,5 +166,5 @@ def test_describe_config_documents_every_key():
         assert line is not None, f"{key} missing from describe_config()"
         doc = text.splitlines()[text.splitlines().index(line) + 1].strip()
         assert doc, f"{key} has no docstring"
-    assert "train.max_steps: int = (required)" in text
+    assert "train.max_steps: int | None = null" in text and "exactly one of the two is required" in text
     assert "[components|llava|tiny|causal_lm]" in text

@@ -11,7 +11,7 @@ import pytest
 
 from llava_ndino.data.dataset import Collator, EncodedDataset, JsonRecords, ResumableSampler
 from llava_ndino.data.encode import ConversationEncoder
-from llava_ndino.train.loop import SkipTracker
+from llava_ndino.train.skips import SkipTracker
 
 
 def test_sampler_resumes_mid_epoch_and_splits_ranks() -> None:

@@ -64,8 +64,8 @@ def test_nan_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(
 
 
 def test_non_finite_weights_are_never_saved(tmp_path: Path, monkeypatch) -> None:
-    original = loop._nonfinite_parameters
-    monkeypatch.setattr(loop, "_nonfinite_parameters", lambda model: original(model) + 1)
+    original = loop.nonfinite_parameters
+    monkeypatch.setattr(loop, "nonfinite_parameters", lambda model: original(model) + 1)
     run = tmp_path / "run"
     with pytest.raises(FloatingPointError, match="hold NaN or Inf; not saving them"):
         loop.train(load_config([*BASE, f"output_dir={run}", "train.max_steps=1"]))
@@ -74,7 +74,7 @@ def test_non_finite_weights_are_never_saved(tmp_path: Path, monkeypatch) -> None
 
 def test_the_finiteness_check_sees_a_nan_parameter() -> None:
     model = torch.nn.Linear(2, 2)
-    assert loop._nonfinite_parameters(model) == 0
+    assert loop.nonfinite_parameters(model) == 0
     with torch.no_grad():
         model.bias[0] = float("inf")
-    assert loop._nonfinite_parameters(model) == 1
+    assert loop.nonfinite_parameters(model) == 1

@@ -13,7 +13,8 @@ import torch
 from llava_ndino.cli import main
 from llava_ndino.config import load_config
 from llava_ndino.data.dataset import Batch, Skipped
-from llava_ndino.train.loop import SkipTracker, train
+from llava_ndino.train.loop import train
+from llava_ndino.train.skips import SkipTracker
 
 
 def _overrides(path: Path, out: Path) -> list[str]:

@@ -124,8 +124,9 @@ class SftTask(TextTask):
     name = "sft"
 
     def dataset(self, split: str = "train") -> Dataset:
+        data = self.cfg.data
         encoder = SftEncoder(
-            self.tokenizer, self.template, self.cfg.data.max_length, self.cfg.data.control_tokens
+            self.tokenizer, self.template, data.max_length, data.control_tokens, data.train_on
         )
         return EncodedDataset(JsonRecords(self.data_path(split)), encoder)
 

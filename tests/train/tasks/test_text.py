@@ -190,3 +190,27 @@ def test_dpo_loss_and_gradients_equal_trl(tiny_dirs, text_data, tmp_path: Path, 
     assert stats["reward_margin"] / pairs == pytest.approx(metrics["rewards/margins"], abs=1e-5)
     assert stats["reward_chosen"] / pairs == pytest.approx(metrics["rewards/chosen"], abs=1e-5)
     assert stats["reward_accuracy"] / pairs == pytest.approx(metrics["rewards/accuracies"])
+
+
+@pytest.mark.parametrize("train_on", ["assistant", "all"])
+def test_sft_task_trains_on_what_data_train_on_says(tiny_dirs, text_data, train_on: str) -> None:
+    """data.train_on reaches the SFT encoder: answers only, or every token as ANITA's SFT script."""
+    cfg = load_config(
+        [
+            "recipe=anita_sft",
+            f"model.llm={tiny_dirs['llm']}",
+            f"data.path={text_data['chat']}",
+            "output_dir=unused",
+            "model.dtype=float32",
+            "lora.quantize=none",
+            f"data.train_on={train_on}",
+        ]
+    )
+    task = make_task(cfg)
+    task.build()
+    sample = task.dataset("train")[0]
+    labelled = (sample.labels != IGNORE_INDEX).sum().item()
+    if train_on == "all":
+        assert labelled == sample.input_ids.numel()
+    else:
+        assert 0 < labelled < sample.input_ids.numel()
