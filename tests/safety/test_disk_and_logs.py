@@ -66,3 +66,18 @@ def test_each_skip_reason_is_logged_once(broken_dataset, tmp_path: Path, caplog)
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped ")]
     assert len(reasons) > len(set(reasons))  # the data repeat: some reasons come back
     assert len(logged) == len(set(reasons))  # but each is logged once
+
+
+def test_a_resume_drops_the_skip_rows_written_after_its_checkpoint(tmp_path: Path) -> None:
+    """skipped.jsonl keeps the rows up to the checkpoint's data position; the redone samples come again."""
+    from llava_ndino.train.skips import SkipTracker
+
+    rows = [
+        {"id": f"s{i}", "reason": "missing_image", "message": "", "seen": seen}
+        for i, seen in enumerate((4, 8, 12))
+    ]
+    (tmp_path / "skipped.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows) + '{"torn')
+    tracker = SkipTracker(tmp_path, max_ratio=0.5, dataset_size=100, enabled=True)
+    tracker.load({"seen": 8, "reasons": {"missing_image": 2}})
+    kept = [json.loads(line)["id"] for line in (tmp_path / "skipped.jsonl").read_text().splitlines()]
+    assert kept == ["s0", "s1"]
