@@ -12,6 +12,21 @@ TINY_DEMO = ["recipe=demo", "output_dir=unused", "model.tiny.hidden_size=64", "d
 """The demo recipe with a narrower language model and the smallest anyres images: fast CPU tests."""
 
 
+TINY_STAGE = [
+    "engine=single",
+    "train.global_batch_size=0",
+    "model.dtype=float32",
+    "data.mixture=null",
+    "data.synthetic.kind=shapes",
+    "data.synthetic.train=8",
+    "data.synthetic.image_size=112",
+    "data.num_workers=0",
+    "train.per_device_batch_size=2",
+    "train.grad_accum=1",
+    "train.max_steps=2",
+    "train.cpu_threads=1",
+]
+"""What a CPU run adds to a LLaVA-NDiNO stage recipe besides the model folders: 2 tiny steps on shapes."""
 TEXT_TEMPLATES = ("llama2-it-chat", "alpaca-it", "llama3-anita")
 """The templates of the text-only recipes besides LLaVA-NDiNO's llama3."""
 LEGAL_CHAT = [

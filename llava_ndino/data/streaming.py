@@ -97,8 +97,11 @@ class ShardStream(IterableDataset):
         while True:
             yield next(streams[choose.choices(range(len(streams)), weights)[0]])
 
-    def raw_stream(self, slot: int, slots: int, skip: int = 0) -> Iterator[tuple[dict, list[ImageBytes]]]:
-        """The slot's samples, (record, encoded images), after skipping ``skip`` without reading them."""
+    def raw_stream(
+        self, slot: int, slots: int, skip: int = 0
+    ) -> Iterator[tuple[dict | SampleError, list[ImageBytes]]]:
+        """The slot's samples, (record, encoded images), after skipping ``skip`` without reading them;
+        a malformed sample comes as (its :class:`SampleError`, [])."""
         references = self.references(slot, slots)
         for _ in range(skip):
             next(references)
@@ -106,7 +109,7 @@ class ShardStream(IterableDataset):
             try:
                 yield self.files[k][shard].get(sample)
             except SampleError as err:  # a malformed sample: skipped and listed like any other
-                yield {"id": err.sample_id, "_error": err}, []
+                yield err, []
 
     def __iter__(self) -> Iterator[EncodedSample | Skipped]:
         info = get_worker_info()
@@ -117,8 +120,7 @@ class ShardStream(IterableDataset):
         slot, slots = self.rank * workers + worker, self.world_size * workers
         done = max(0, -(-(batches_done - worker) // workers)) * self.batch_size
         for position, (record, images) in enumerate(self.raw_stream(slot, slots, done), start=done):
-            error = record.get("_error")
-            if error is not None:
-                yield Skipped(error.sample_id, error.reason, str(error))
+            if isinstance(record, SampleError):
+                yield Skipped(record.sample_id, record.reason, str(record))
             else:
                 yield encode_or_skip(self.encoder, record, position, images)

@@ -243,15 +243,16 @@ def check_free_space(run_dir: Path, margin: float = 1.05) -> None:
     """Raise :class:`CheckpointError` before a save that cannot fit: the next checkpoint needs about the
     space of the last one, and the last one is pruned only after the new one is complete."""
     root = Path(run_dir) / CHECKPOINTS_DIR
-    done = complete_checkpoints(root)
-    if not done:
+    last = latest_checkpoint(run_dir)
+    if last is None:
         return
-    needed = folder_bytes(done[-1]) * margin
+    sizes = json.loads((last / COMPLETE_FILE).read_text(encoding="utf-8"))["files"]  # recorded at save
+    needed = sum(sizes.values()) * margin
     free = shutil.disk_usage(root).free
     if free < needed:
         raise CheckpointError(
             f"no space left for the next checkpoint in {root}: it needs about {needed / 2**30:.2f} GiB "
-            f"(the size of {done[-1].name}), {free / 2**30:.2f} GiB are free; free space, lower "
+            f"(the size of {last.name}), {free / 2**30:.2f} GiB are free; free space, lower "
             "train.keep_last, or move the run, then resume"
         )
 

@@ -323,14 +323,12 @@ def _loop(run: Run, batches, metrics: MetricsLogger, termination, step: int, con
                 with autocast:
                     loss_sum, stats = task.loss_sum(engine.module, batch)
                 engine.backward(loss_sum * engine.world_size / step_targets)
-            step_losses.append(loss_sum.detach())
-            window.sums.update(
-                {"loss": float(loss_sum.detach()), **{f"stat/{k}": v for k, v in stats.items()}}
-            )
+            step_losses.append(float(loss_sum.detach()))  # one host sync per micro-batch, used twice
+            window.sums.update({"loss": step_losses[-1], **{f"stat/{k}": v for k, v in stats.items()}})
             window.add_batch(batch, task.flops(batch), task.logit_tokens(batch))
         window.sums["targets"] += local_targets
         window.steps += 1
-        step_loss = engine.all_reduce_sum(sum(float(b_loss) for b_loss in step_losses))
+        step_loss = engine.all_reduce_sum(sum(step_losses))
         grad_norm = engine.clip_and_step(train_cfg.max_grad_norm, skip=not math.isfinite(step_loss))
         scheduler.step()
         step += 1

@@ -14,6 +14,7 @@ import torch
 from llava_ndino.chain import CHAINS, run_chain
 from llava_ndino.cli import main
 from llava_ndino.formats.run_dir import load_model_weights
+from tests.helpers import TINY_STAGE
 
 EXPECTED = {  # release -> (run, recipe, run it starts from), from docs/design.md#released-llava-ndino-checkpoints
     "pt": [("align", "align", None), ("pt", "adapt", "align")],
@@ -35,18 +36,7 @@ EXPECTED = {  # release -> (run, recipe, run it starts from), from docs/design.m
 }
 
 TINY = [
-    "engine=single",
-    "train.global_batch_size=0",
-    "model.dtype=float32",
-    "data.mixture=null",
-    "data.synthetic.kind=shapes",
-    "data.synthetic.train=8",
-    "data.synthetic.image_size=112",
-    "data.num_workers=0",
-    "train.per_device_batch_size=2",
-    "train.grad_accum=1",
-    "train.max_steps=2",
-    "train.cpu_threads=1",
+    *TINY_STAGE,
     # step 1 is the warmup step, whose learning rate is 0: the step_1 checkpoint holds a stage's
     # initial weights exactly, and step_2 its trained ones
     "train.warmup_ratio=0.5",

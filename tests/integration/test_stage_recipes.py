@@ -9,25 +9,11 @@ from pathlib import Path
 
 from llava_ndino.config import load_config
 from llava_ndino.train.loop import train
+from tests.helpers import TINY_STAGE
 
 STAGES = ["align", "adapt", "short_it", "long_it"]
 
-# tiny and fast: what a CPU run adds to a stage recipe besides the model folders
-TINY = [
-    "engine=single",
-    "train.global_batch_size=0",
-    "model.dtype=float32",
-    "data.mixture=null",
-    "data.synthetic.kind=shapes",
-    "data.synthetic.train=8",
-    "data.synthetic.image_size=112",
-    "data.num_workers=0",
-    "train.per_device_batch_size=2",
-    "train.grad_accum=1",
-    "train.max_steps=2",
-    "train.log_every=1",
-    "train.cpu_threads=1",
-]
+TINY = [*TINY_STAGE, "train.log_every=1"]
 
 
 def _last_loss(run_dir: Path) -> float:
